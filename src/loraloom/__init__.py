@@ -1,0 +1,34 @@
+"""loraloom: LoRA, FourierFT and LoraHub adapters for PyTorch / Hugging Face models.
+
+Adapters are read and written in PEFT's on-disk format, so they move between loraloom and PEFT.
+"""
+
+from .adapters import (
+    AdapterConfig,
+    AdapterError,
+    LoraConfig,
+    add_adapter,
+    count_parameters,
+    load_adapter,
+    merge,
+    merge_and_unload,
+    read_adapter,
+    save_adapter,
+    unmerge,
+)
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "AdapterConfig",
+    "AdapterError",
+    "LoraConfig",
+    "add_adapter",
+    "count_parameters",
+    "load_adapter",
+    "merge",
+    "merge_and_unload",
+    "read_adapter",
+    "save_adapter",
+    "unmerge",
+]

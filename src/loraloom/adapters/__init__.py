@@ -1,0 +1,38 @@
+"""Adapter types (one file each), their injection into a model, and the PEFT file format."""
+
+from .base import AdapterConfig, AdapterError, AdapterLayer
+from .inject import (
+    adapter_layers,
+    add_adapter,
+    count_parameters,
+    get_config,
+    merge,
+    merge_and_unload,
+    remove_adapter,
+    unmerge,
+)
+from .lora import LoraConfig, LoraLayer
+from .peft_format import load_adapter, read_adapter, save_adapter, write_adapter_folder
+from .registry import ADAPTER_TYPES, config_from_dict
+
+__all__ = [
+    "ADAPTER_TYPES",
+    "AdapterConfig",
+    "AdapterError",
+    "AdapterLayer",
+    "LoraConfig",
+    "LoraLayer",
+    "adapter_layers",
+    "add_adapter",
+    "config_from_dict",
+    "count_parameters",
+    "get_config",
+    "load_adapter",
+    "merge",
+    "merge_and_unload",
+    "read_adapter",
+    "remove_adapter",
+    "save_adapter",
+    "unmerge",
+    "write_adapter_folder",
+]
