@@ -153,6 +153,8 @@ def add_adapter(model: nn.Module, config: AdapterConfig, *, verbose: bool = True
     save_names = modules_to_save_of(model, config)
 
     layers = {name: config.make_layer(name, model.get_submodule(name)) for name in names}
+    # PEFT records Conv1D targets (GPT-2) as fan_in_fan_out=True and warns otherwise.
+    config.fan_in_fan_out = any(layer.fan_in_fan_out for layer in layers.values())
     for name, layer in layers.items():
         _set_submodule(model, name, layer)
     for p in model.parameters():
