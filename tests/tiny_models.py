@@ -94,3 +94,26 @@ def model_inputs(arch: str, seed: int = 1) -> dict[str, torch.Tensor]:
 @torch.no_grad()
 def logits(model, inputs) -> torch.Tensor:
     return model(**inputs).logits
+
+
+def tiny_word_tokenizer(texts, add_bos: bool = False, add_eos: bool = False):
+    """A word-level tokenizer over ``texts`` (whitespace-split), ids below VOCAB: pad 0, eos 1, bos 2, unk 3.
+
+    With ``add_bos`` every encoding starts with bos (Llama's convention), with ``add_eos`` it ends with eos (T5's).
+    """
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    specials = ["<pad>", "</s>", "<s>", "<unk>"]
+    words = sorted({w for t in texts for w in t.split()} - set(specials))
+    vocab = {tok: i for i, tok in enumerate(specials + words)}
+    if len(vocab) > VOCAB:
+        raise ValueError(f"{len(vocab)} words do not fit the tiny models' vocabulary of {VOCAB}")
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    if add_bos or add_eos:
+        single = ("<s> " if add_bos else "") + "$A" + (" </s>" if add_eos else "")
+        tok.post_processor = processors.TemplateProcessing(single=single, special_tokens=[("<s>", 2), ("</s>", 1)])
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok, pad_token="<pad>", eos_token="</s>", bos_token="<s>", unk_token="<unk>"
+    )
