@@ -38,6 +38,7 @@ from .data import (
     resolve_label2id,
     task_of,
 )
+from .evaluate import evaluate
 
 FULL = "full"  # adapter="full": every parameter trains, no adapter layers
 
@@ -228,8 +229,6 @@ def train(
     evals: list[tuple[int, float]] = []
 
     def run_eval(step: int) -> None:
-        from .evaluate import evaluate  # here, not at the top: evaluate imports train
-
         score = evaluate(
             model,
             tokenizer,

@@ -1,0 +1,386 @@
+"""The ``loraloom`` command: a thin shell over the public API.
+
+Each subcommand is a ``cmd_<name>(args) -> int`` function plus one parser block in ``build_parser``.
+Bad input (an adapter file, a data file, a config value) ends with one line ``loraloom: error: ...``
+and exit status 2, never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import os
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from safetensors import SafetensorError, safe_open
+from torch import nn
+from transformers import (
+    AutoConfig,
+    AutoModelForCausalLM,
+    AutoModelForSeq2SeqLM,
+    AutoModelForSequenceClassification,
+    AutoTokenizer,
+)
+
+from .adapters import ADAPTER_TYPES, AdapterConfig, load_adapter, merge_and_unload, read_adapter
+from .adapters.base import AdapterError
+from .adapters.inject import matches
+from .adapters.peft_format import CONFIG_NAME, KEY_PREFIX, LEGACY_WEIGHTS_NAME, WEIGHTS_NAME, normalise_key
+from .data import TASKS, Example, default_label2id, load_examples
+from .evaluate import evaluate
+from .train import FULL, adapter_config_for, save_full_model, train
+
+MODEL_CLASSES = {
+    "seq2seq": AutoModelForSeq2SeqLM,
+    "causal": AutoModelForCausalLM,
+    "classification": AutoModelForSequenceClassification,
+}
+
+
+# ---- base models -------------------------------------------------------------------------------
+
+
+def task_from_config(config: Any) -> str:
+    """ "seq2seq" for encoder-decoders, "classification" for *ForSequenceClassification, else "causal"."""
+    if getattr(config, "is_encoder_decoder", False):
+        return "seq2seq"
+    if any(a.endswith("ForSequenceClassification") for a in getattr(config, "architectures", None) or []):
+        return "classification"
+    return "causal"
+
+
+def model_source(name_or_path: str) -> str:
+    """A local folder (``~`` expanded) or a hub id; a path that is not a folder is an error naming it."""
+    path = Path(name_or_path).expanduser()
+    if path.is_dir():
+        return str(path)
+    # A hub id is "name" or "owner/name": anything else is a mistyped path, not worth a hub request.
+    if path.exists() or name_or_path.startswith((".", "/", "~")) or name_or_path.count("/") > 1:
+        raise ValueError(f"{name_or_path}: not a model folder")
+    return name_or_path
+
+
+def load_base(
+    name_or_path: str, task: str | None = None, *, examples: Sequence[Example] | None = None
+) -> tuple[nn.Module, Any]:
+    """(model, tokenizer) from a local folder or a hub id; the Auto class follows ``task`` or the config.
+
+    For classification, unless the config already names every label of ``examples``, their labels
+    (numbered as ``train`` numbers them) replace the config's and the head is built anew for them.
+    """
+    source = model_source(name_or_path)
+    config = AutoConfig.from_pretrained(source)
+    task = task or task_from_config(config)
+    if task not in MODEL_CLASSES:
+        raise ValueError(f"task must be one of {TASKS}, got {task!r}")
+    kwargs: dict[str, Any] = {}
+    label2id = default_label2id(examples) if task == "classification" and examples else None
+    if label2id and not set(label2id) <= set(config.label2id or {}):
+        config.num_labels = max(label2id.values()) + 1
+        config.label2id = dict(label2id)
+        config.id2label = {i: label for label, i in label2id.items()}
+        kwargs["ignore_mismatched_sizes"] = True  # the base's head (if any) has other labels
+    model = MODEL_CLASSES[task].from_pretrained(source, config=config, **kwargs).eval()
+    tokenizer = AutoTokenizer.from_pretrained(source)
+    return model, tokenizer
+
+
+# ---- train -------------------------------------------------------------------------------------
+
+# Adapter options of `loraloom train` -> the config field they set, in whichever adapter types have it.
+ADAPTER_OPTIONS = {
+    "r": "r",
+    "alpha": "lora_alpha",
+    "dropout": "lora_dropout",
+    "n_frequency": "n_frequency",
+    "scaling": "scaling",
+}
+
+
+def adapter_from_args(args: argparse.Namespace) -> AdapterConfig | str:
+    """The AdapterConfig that ``train`` gets (or "full"); an option the adapter type lacks is an error."""
+    given = {opt: getattr(args, opt) for opt in ADAPTER_OPTIONS if getattr(args, opt) is not None}
+    targets = args.target_regex or ([t.strip() for t in args.targets.split(",")] if args.targets else None)
+    if args.adapter == FULL:
+        if given or targets:
+            flags = ", ".join(f"--{o.replace('_', '-')}" for o in given) or "--targets/--target-regex"
+            raise ValueError(f"{flags}: not an option of --adapter full")
+        return FULL
+    config = adapter_config_for(args.adapter)
+    fields = {f.name for f in dataclasses.fields(config)}
+    kwargs: dict[str, Any] = {"target_modules": targets}
+    for opt, value in given.items():
+        if ADAPTER_OPTIONS[opt] not in fields:
+            raise ValueError(f"--{opt.replace('_', '-')}: not an option of --adapter {args.adapter}")
+        kwargs[ADAPTER_OPTIONS[opt]] = value
+    return dataclasses.replace(config, **kwargs)  # re-runs the config's own validation
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    # Everything the user gave is checked before the model loads: a bad file fails at once.
+    adapter = adapter_from_args(args)
+    examples = load_examples(args.train, args.input_field, args.target_field)
+    eval_examples = load_examples(args.eval, args.input_field, args.target_field) if args.eval else None
+    model, tokenizer = load_base(args.base, args.task, examples=examples)
+    result = train(
+        model,
+        tokenizer,
+        examples,
+        adapter=adapter,
+        task=args.task,
+        epochs=args.epochs,
+        max_steps=args.max_steps,
+        batch_size=args.batch_size,
+        grad_accum=args.grad_accum,
+        lr=args.lr,
+        seed=args.seed,
+        eval_data=eval_examples,
+        eval_every=args.eval_every,
+        bf16=args.bf16,
+        output_dir=args.out,
+    )
+    print(
+        f"trained {args.adapter} on {args.train}: {len(result.losses)} steps in {result.seconds:.1f}s, "
+        f"final loss {result.losses[-1]:.4f}, trainable params {result.trainable_params:,} "
+        f"of {result.total_params:,}"
+    )
+    for step, score in result.evals:
+        print(f"  eval at step {step}: {score:.4f}")
+    print(f"saved to {result.output_dir}")
+    return 0
+
+
+# ---- eval / merge ------------------------------------------------------------------------------
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    examples = load_examples(args.data, args.input_field, args.target_field)
+    # (a classifier trained by `loraloom train` numbered its labels by the same rule)
+    model, tokenizer = load_base(args.base, args.task, examples=examples)
+    if args.adapter:
+        load_adapter(model, args.adapter)
+    result = evaluate(
+        model,
+        tokenizer,
+        examples,
+        task=args.task,
+        batch_size=args.batch_size,
+        max_new_tokens=args.max_new_tokens,
+        predictions_file=args.out,
+    )
+    print(f"{args.data}: {result}")
+    if args.out:
+        print(f"predictions written to {args.out}")
+    return 0
+
+
+def cmd_merge(args: argparse.Namespace) -> int:
+    model, tokenizer = load_base(args.base, args.task)
+    merged = merge_and_unload(load_adapter(model, args.adapter))
+    save_full_model(merged, tokenizer, Path(args.out))
+    print(f"merged {args.adapter} into {args.base}: wrote {args.out}")
+    return 0
+
+
+# ---- inspect -----------------------------------------------------------------------------------
+
+
+def _file_size(paths: list[Path]) -> str:
+    size = sum(p.stat().st_size for p in paths)
+    if size < 1000:
+        return f"{size} B"
+    for unit in ("kB", "MB", "GB"):
+        size /= 1000
+        if size < 1000 or unit == "GB":
+            break
+    return f"{size:.1f} {unit}"
+
+
+def inspect_adapter(folder: Path) -> dict[str, Any]:
+    config, tensors, folder = read_adapter(folder)
+    targets = config.target_modules or []
+    layers: set[str] = set()
+    adapter_params = other_params = 0
+    for key, t in tensors.items():
+        parts = normalise_key(key).removeprefix(KEY_PREFIX).split(".")
+        # The adapted layer is the shortest leading path that the targets match; the rest is the
+        # adapter's parameter (lora_A.weight, fourierft_spectrum, ...). No match: a module trained in full.
+        layer = next((".".join(parts[:i]) for i in range(1, len(parts)) if matches(targets, ".".join(parts[:i]))), None)
+        if layer is None:
+            other_params += t.numel()
+        else:
+            layers.add(layer)
+            adapter_params += t.numel()
+    common = {f.name for f in dataclasses.fields(AdapterConfig)}
+    settings = {
+        k: v for k, v in config.to_dict().items() if k not in common and k != "peft_type" and v not in ({}, None)
+    }
+    weights = [p for p in (folder / WEIGHTS_NAME, folder / LEGACY_WEIGHTS_NAME) if p.is_file()][:1]
+    return {
+        "folder": str(folder),
+        "peft_type": config.peft_type,
+        "task_type": config.task_type,
+        "base_model": config.base_model_name_or_path,
+        "targets": targets,
+        "adapted_layers": len(layers),
+        "trainable_params": adapter_params + other_params,
+        "adapter_params": adapter_params,
+        "modules_to_save": config.modules_to_save,
+        "modules_to_save_params": other_params,
+        "tensors": len(tensors),
+        "file": weights[0].name,
+        "file_size": _file_size(weights),
+        "settings": settings,
+    }
+
+
+def _read_json(file: Path) -> dict[str, Any]:
+    try:
+        d = json.loads(file.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise AdapterError(f"{file}: not valid JSON ({e})") from e
+    if not isinstance(d, dict):
+        raise AdapterError(f"{file}: expected a JSON object")
+    return d
+
+
+def inspect_full_model(folder: Path) -> dict[str, Any]:
+    """A full fine-tuning folder: config.json + model.safetensors (or shards); only file headers are read."""
+    config = _read_json(folder / "config.json")
+    index = folder / "model.safetensors.index.json"
+    if index.is_file():
+        names = sorted(set(_read_json(index).get("weight_map", {}).values()))
+        files = [folder / n for n in names]
+    else:
+        files = [folder / "model.safetensors"]
+    params = 0
+    for file in files:
+        if not file.is_file():
+            raise AdapterError(f"{folder}: no {file.name} (loraloom inspects safetensors weights only)")
+        try:
+            with safe_open(file, framework="pt") as f:
+                params += sum(math.prod(f.get_slice(key).get_shape()) for key in f.keys())
+        except (SafetensorError, OSError) as e:
+            raise AdapterError(f"{file}: cannot read safetensors file: {e}") from e
+    return {
+        "folder": str(folder),
+        "peft_type": "FULL",
+        "model_type": config.get("model_type"),
+        "architectures": config.get("architectures"),
+        "base_model": config.get("_name_or_path") or None,
+        "trainable_params": params,
+        "file": files[0].name if len(files) == 1 else f"{len(files)} shards",
+        "file_size": _file_size(files),
+        "tokenizer": any((folder / n).is_file() for n in ("tokenizer.json", "tokenizer_config.json")),
+    }
+
+
+def inspect_folder(path: str | Path) -> dict[str, Any]:
+    """What an adapter folder (any PEFT type, made by loraloom or PEFT) or a full fine-tuning folder holds."""
+    folder = Path(path)
+    if not folder.is_dir():
+        raise AdapterError(f"{folder}: not a folder")
+    if not (folder / CONFIG_NAME).is_file() and (folder / "config.json").is_file():
+        return inspect_full_model(folder)
+    return inspect_adapter(folder)
+
+
+def cmd_inspect(args: argparse.Namespace) -> int:
+    info = inspect_folder(args.dir)
+    if args.json:
+        print(json.dumps(info, indent=2))
+        return 0
+    settings = info.pop("settings", {})
+    for key, value in info.items():
+        if isinstance(value, int) and not isinstance(value, bool):
+            value = f"{value:,}"
+        elif isinstance(value, list):
+            value = ", ".join(map(str, value)) if value else "-"
+        print(f"{key.replace('_', ' ') + ':':24}{value if value is not None else '-'}")
+    for key, value in settings.items():
+        print(f"{key.replace('_', ' ') + ':':24}{value}")
+    return 0
+
+
+# ---- the parser --------------------------------------------------------------------------------
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="loraloom", description="Train, evaluate, merge and inspect PEFT-format adapters."
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    base = argparse.ArgumentParser(add_help=False)
+    base.add_argument("--base", required=True, help="base model: a local folder or a hub id")
+    base.add_argument("--task", choices=TASKS, help="default: from the model's config")
+    fields = argparse.ArgumentParser(add_help=False)
+    fields.add_argument("--input-field", default="input", help="default: %(default)s")
+    fields.add_argument("--target-field", default="target", help="default: %(default)s")
+
+    p = sub.add_parser("train", parents=[base, fields], help="train an adapter (or the full model)")
+    p.add_argument("--train", required=True, metavar="FILE", help=".jsonl, .json or .csv examples")
+    p.add_argument("--eval", metavar="FILE", help="examples to score during and after training")
+    p.add_argument("--eval-every", type=int, metavar="N", help="score every N optimizer steps")
+    p.add_argument("--adapter", default="lora", choices=sorted(t.lower() for t in ADAPTER_TYPES) + [FULL])
+    p.add_argument("--r", type=int, help="LoRA rank (default 8)")
+    p.add_argument("--alpha", type=float, help="LoRA alpha (default 8)")
+    p.add_argument("--dropout", type=float, help="LoRA dropout (default 0)")
+    targets = p.add_mutually_exclusive_group()
+    targets.add_argument("--targets", help="comma-separated module names, e.g. q,v (default: per model type)")
+    targets.add_argument("--target-regex", help="regex matched against each module's full path")
+    p.add_argument("--n-frequency", type=int, help="FourierFT: coefficients per layer (default 1000)")
+    p.add_argument("--scaling", type=float, help="FourierFT: scaling (default 150)")
+    p.add_argument("--epochs", type=int, default=3, help="default: %(default)s")
+    p.add_argument("--max-steps", type=int, help="optimizer steps; replaces --epochs")
+    p.add_argument("--batch-size", type=int, default=8, help="default: %(default)s")
+    p.add_argument("--grad-accum", type=int, default=1, help="default: %(default)s")
+    p.add_argument("--lr", type=float, help="default: per adapter type (LoRA 2e-4, IA3 3e-3, FourierFT 5e-2)")
+    p.add_argument("--seed", type=int, default=0, help="default: %(default)s")
+    p.add_argument("--bf16", action="store_true", help="bfloat16 autocast")
+    p.add_argument("--out", required=True, metavar="DIR", help="where the adapter (or full model) is saved")
+    p.set_defaults(run=cmd_train)
+
+    p = sub.add_parser("eval", parents=[base, fields], help="exact match (or accuracy) of a model on examples")
+    p.add_argument("--adapter", metavar="DIR", help="adapter folder or hub id to load into the base")
+    p.add_argument("--data", required=True, metavar="FILE", help=".jsonl, .json or .csv examples")
+    p.add_argument("--out", metavar="FILE", help="write every prediction here (JSONL)")
+    p.add_argument("--batch-size", type=int, default=16, help="default: %(default)s")
+    p.add_argument("--max-new-tokens", type=int, default=32, help="default: %(default)s")
+    p.set_defaults(run=cmd_eval)
+
+    p = sub.add_parser("merge", parents=[base], help="merge an adapter into the base and save a plain model")
+    p.add_argument("--adapter", required=True, metavar="DIR", help="adapter folder or hub id")
+    p.add_argument("--out", required=True, metavar="DIR", help="output folder (model + tokenizer)")
+    p.set_defaults(run=cmd_merge)
+
+    p = sub.add_parser("inspect", help="describe an adapter folder or a full fine-tuning folder")
+    p.add_argument("dir", metavar="DIR")
+    p.add_argument("--json", action="store_true", help="print JSON instead of text")
+    p.set_defaults(run=cmd_inspect)
+
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.run(args)
+    except BrokenPipeError:  # output piped into `head` and the like: stop quietly, as Unix tools do
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error at exit
+        return 1
+    except (ValueError, OSError) as e:  # AdapterError and DataError are ValueErrors
+        print(f"loraloom: error: {' '.join(str(e).split())}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("loraloom: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
