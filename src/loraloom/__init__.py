@@ -6,6 +6,8 @@ Adapters are read and written in PEFT's on-disk format, so they move between lor
 from .adapters import (
     AdapterConfig,
     AdapterError,
+    FourierFTConfig,
+    IA3Config,
     LoraConfig,
     add_adapter,
     count_parameters,
@@ -16,16 +18,21 @@ from .adapters import (
     save_adapter,
     unmerge,
 )
+from .hub import LoraHubResult, lorahub
 
 __version__ = "0.1.0"
 
 __all__ = [
     "AdapterConfig",
     "AdapterError",
+    "FourierFTConfig",
+    "IA3Config",
     "LoraConfig",
+    "LoraHubResult",
     "add_adapter",
     "count_parameters",
     "load_adapter",
+    "lorahub",
     "merge",
     "merge_and_unload",
     "read_adapter",

@@ -33,6 +33,7 @@ from .adapters.inject import matches
 from .adapters.peft_format import CONFIG_NAME, KEY_PREFIX, LEGACY_WEIGHTS_NAME, WEIGHTS_NAME, normalise_key
 from .data import TASKS, Example, default_label2id, load_examples
 from .evaluate import evaluate
+from .hub import DEFAULT_POPULATION, lorahub
 from .train import FULL, adapter_config_for, save_full_model, train
 
 MODEL_CLASSES = {
@@ -184,6 +185,38 @@ def cmd_merge(args: argparse.Namespace) -> int:
     merged = merge_and_unload(load_adapter(model, args.adapter))
     save_full_model(merged, tokenizer, Path(args.out))
     print(f"merged {args.adapter} into {args.base}: wrote {args.out}")
+    return 0
+
+
+def cmd_compose(args: argparse.Namespace) -> int:
+    examples = load_examples(args.examples, args.input_field, args.target_field)
+    model, tokenizer = load_base(args.base, args.task)
+    result = lorahub(
+        model,
+        args.modules,
+        examples,
+        tokenizer=tokenizer,
+        pool=args.pool,
+        num=args.num,
+        select=args.select,
+        budget=args.budget,
+        seed=args.seed,
+        optimizer=args.optimizer,
+        population=args.population,
+        objective=args.objective,
+        dtype="bf16" if args.bf16 else None,
+        mode=args.mode,
+        progress=True,
+    )
+    out = result.save(args.out)
+    print(
+        f"best objective {result.objective:.4f} after {len(result.trace)} evaluations "
+        f"({result.settings['method']}, {len(result.modules)} modules chosen by {result.selection.method})"
+    )
+    print(f"wrote {out}/adapter, weights.json, trace.csv, trace.png")
+    if args.merge:
+        save_full_model(result.merge(), tokenizer, out / "merged")
+        print(f"merged the composed module into the base: wrote {out / 'merged'}")
     return 0
 
 
@@ -358,6 +391,26 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--adapter", required=True, metavar="DIR", help="adapter folder or hub id")
     p.add_argument("--out", required=True, metavar="DIR", help="output folder (model + tokenizer)")
     p.set_defaults(run=cmd_merge)
+
+    p = sub.add_parser("compose", parents=[base, fields], help="LoraHub: compose LoRA modules for a new task")
+    source = p.add_mutually_exclusive_group(required=True)
+    source.add_argument("--modules", nargs="+", metavar="DIR", help="LoRA module folders or hub ids")
+    source.add_argument("--pool", metavar="DIR", help="a folder of module folders to choose --num from")
+    p.add_argument("--num", type=int, default=20, help="modules to choose from --pool (default: %(default)s)")
+    p.add_argument("--select", choices=("random", "retrieval"), default="random", help="default: %(default)s")
+    p.add_argument("--examples", required=True, metavar="FILE", help="few-shot .jsonl, .json or .csv examples")
+    p.add_argument("--budget", type=int, default=40, help="objective evaluations (default: %(default)s)")
+    p.add_argument("--seed", type=int, default=0, help="default: %(default)s")
+    p.add_argument("--optimizer", default="NGOpt", help="a nevergrad optimizer name (default: %(default)s)")
+    p.add_argument(
+        "--population", type=int, default=DEFAULT_POPULATION, help="candidates a pass (default: %(default)s)"
+    )
+    p.add_argument("--objective", choices=("mean", "reference"), default="mean", help="default: %(default)s")
+    p.add_argument("--mode", choices=("nevergrad", "gradient"), default="nevergrad", help="default: %(default)s")
+    p.add_argument("--bf16", action="store_true", help="evaluate in bfloat16")
+    p.add_argument("--out", required=True, metavar="DIR", help="adapter/, weights.json, trace.csv, trace.png")
+    p.add_argument("--merge", action="store_true", help="also save the base with the module merged, in OUT/merged")
+    p.set_defaults(run=cmd_compose)
 
     p = sub.add_parser("inspect", help="describe an adapter folder or a full fine-tuning folder")
     p.add_argument("dir", metavar="DIR")

@@ -1,6 +1,8 @@
 """Adapter types (one file each), their injection into a model, and the PEFT file format."""
 
 from .base import AdapterConfig, AdapterError, AdapterLayer
+from .fourierft import FourierFTConfig, FourierFTLayer
+from .ia3 import IA3Config, IA3Layer
 from .inject import (
     adapter_layers,
     add_adapter,
@@ -20,6 +22,10 @@ __all__ = [
     "AdapterConfig",
     "AdapterError",
     "AdapterLayer",
+    "FourierFTConfig",
+    "FourierFTLayer",
+    "IA3Config",
+    "IA3Layer",
     "LoraConfig",
     "LoraLayer",
     "adapter_layers",

@@ -53,6 +53,12 @@ class AdapterConfig:
             kwargs["target_modules"] = sorted(kwargs["target_modules"])
         return cls(**kwargs)
 
+    def fill_model_defaults(self, model_type: str | None) -> None:
+        """Fill fields left unset whose PEFT default depends on the model type (PEFT's per-type tables).
+
+        Called by ``add_adapter`` before LoRA's default targets apply; types with other defaults override it.
+        """
+
     def make_layer(self, name: str, base_layer: nn.Module) -> AdapterLayer:
         raise NotImplementedError
 

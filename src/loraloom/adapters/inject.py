@@ -144,6 +144,7 @@ def add_adapter(model: nn.Module, config: AdapterConfig, *, verbose: bool = True
     """
     if getattr(model, CONFIG_ATTR, None) is not None:
         raise AdapterError("model already carries a loraloom adapter; merge_and_unload it first")
+    config.fill_model_defaults(getattr(getattr(model, "config", None), "model_type", None))
     config.target_modules = resolve_targets(model, config.target_modules)
     if config.task_type is None:
         config.task_type = task_type_of(model)

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 from .base import AdapterConfig, AdapterError
+from .fourierft import FourierFTConfig
+from .ia3 import IA3Config
 from .lora import LoraConfig
 
-ADAPTER_TYPES: dict[str, type[AdapterConfig]] = {cls.peft_type: cls for cls in (LoraConfig,)}
+ADAPTER_TYPES: dict[str, type[AdapterConfig]] = {cls.peft_type: cls for cls in (LoraConfig, FourierFTConfig, IA3Config)}
 
 
 def config_from_dict(d: dict, source: str = "adapter config") -> AdapterConfig:

@@ -1,0 +1,215 @@
+"""FourierFT: ΔW = scaling · Re(IDFT2(S)), S zero but for n learned real coefficients at fixed random positions.
+
+Same numbers as PEFT (positions, scaling, 1/(d_out·d_in) normalisation), less work:
+- ΔW comes from the Hermitian half of the spectrum through ``irfft2`` (real output, half the transform);
+- W + ΔW is built only when the coefficients (or W) change and reused otherwise, so a forward without
+  gradient (eval, generation) is the base model's single matmul, and so is each micro-batch of a step;
+- training: one matmul with W + ΔW each way instead of PEFT's two, and the coefficient gradient read off
+  the spectra of x and of the output gradient at the n positions, instead of the dense matmul gyᵀ·x.
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass, field
+from typing import ClassVar
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .base import AdapterConfig, AdapterError, AdapterLayer, pattern_value
+from .inject import DEFAULT_TARGETS
+
+# Elements of one gathered spectrum plane in the coefficient gradient (see spectrum_grad).
+GRAD_CHUNK_ELEMENTS = 1 << 18
+
+# PEFT's FourierFT targets are LoRA's, but for GPT-2 (whose attention is one fused c_attn).
+DEFAULT_FOURIERFT_TARGETS = {**DEFAULT_TARGETS, "gpt2": ["mlp.c_proj"], "gpt_bigcode": ["mlp.c_proj"]}
+
+
+@dataclass
+class FourierFTConfig(AdapterConfig):
+    peft_type: ClassVar[str] = "FOURIERFT"
+    n_frequency: int = 1000
+    scaling: float = 150.0
+    random_loc_seed: int = 777
+    # False (PEFT's default): coefficients start as randn(n), so the adapter is not the identity at step 0.
+    init_weights: bool = False
+    n_frequency_pattern: dict[str, int] = field(default_factory=dict)
+    bias: str = "none"
+
+    def __post_init__(self) -> None:
+        for name, n in [("n_frequency", self.n_frequency), *self.n_frequency_pattern.items()]:
+            if not isinstance(n, int) or isinstance(n, bool) or n < 1:
+                raise AdapterError(f"FourierFTConfig: n_frequency for {name!r} must be a positive integer, got {n!r}")
+        if not isinstance(self.random_loc_seed, int):
+            raise AdapterError(f"FourierFTConfig.random_loc_seed must be an integer, got {self.random_loc_seed!r}")
+        if self.bias != "none":
+            raise AdapterError(f"FourierFTConfig.bias={self.bias!r} is not supported; only 'none'")
+
+    def fill_model_defaults(self, model_type: str | None) -> None:
+        if not self.target_modules and model_type in DEFAULT_FOURIERFT_TARGETS:
+            self.target_modules = list(DEFAULT_FOURIERFT_TARGETS[model_type])
+
+    def make_layer(self, name: str, base_layer: nn.Module) -> FourierFTLayer:
+        n = pattern_value(self.n_frequency_pattern, name, self.n_frequency)
+        return FourierFTLayer(base_layer, n, self.scaling, self.random_loc_seed, self.init_weights, name=name)
+
+
+@functools.lru_cache(maxsize=32)
+def fourierft_positions(d_out: int, d_in: int, n_frequency: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(rows, cols) of the n spectral coefficients: PEFT's rule, so PEFT's saved spectra land where they belong.
+
+    Every layer of one shape draws the same positions, so they are drawn once per (shape, n, seed).
+    """
+    idx = torch.randperm(d_out * d_in, generator=torch.Generator().manual_seed(seed))[:n_frequency]
+    return idx // d_in, idx % d_in
+
+
+def _half_bins(k: torch.Tensor, size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Frequency k of a real signal of length ``size`` as (bin in the one-sided rfft spectrum, mirrored?)."""
+    mirrored = k > size // 2
+    return torch.where(mirrored, size - k, k), mirrored
+
+
+def _fold_weight(bins: torch.Tensor, size: int) -> torch.Tensor:
+    """irfft counts every one-sided bin twice (itself and its mirror) but the DC and Nyquist bins once."""
+    edge = (bins == 0) | ((size % 2 == 0) & (bins == size // 2))
+    return torch.where(edge, 1.0, 0.5)
+
+
+def _spectrum_fm(x: torch.Tensor) -> torch.Tensor:
+    """rfft along the features of (T, d) as (2, d//2+1, T): real and imaginary planes, one row per frequency."""
+    return torch.view_as_real(torch.fft.rfft(x.float(), dim=-1)).permute(2, 1, 0).contiguous()
+
+
+class _FourierFTLinear(torch.autograd.Function):
+    """y = x·(W + ΔW)ᵀ + b with W, b frozen: one matmul each way, and ∂L/∂c without forming gyᵀ·x.
+
+    ∂L/∂c_p = scaling/(d_out·d_in) · Σ_t Re(fft(gy)[t, row_p] · fft(x)[t, col_p]), since ΔW is a sum of
+    cosines; with rfft the mirrored half of each spectrum is the conjugate of the stored half.
+    """
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, spectrum: torch.Tensor, layer: FourierFTLayer) -> torch.Tensor:
+        # `spectrum` is the layer's own parameter, passed in so that autograd routes its gradient here.
+        weight = layer.cached_weight()
+        ctx.save_for_backward(x, weight)
+        ctx.layer = layer
+        return F.linear(x, weight, layer.base_layer.bias)
+
+    @staticmethod
+    def backward(ctx, grad_y: torch.Tensor):
+        x, weight = ctx.saved_tensors
+        layer = ctx.layer
+        grad_x = grad_y @ weight.to(grad_y.dtype) if ctx.needs_input_grad[0] else None  # autocast: bf16 grad_y
+        grad_c = layer.spectrum_grad(x, grad_y) if ctx.needs_input_grad[1] else None
+        return grad_x, grad_c, None
+
+
+class FourierFTLayer(AdapterLayer):
+    adapter_param_names = ("fourierft_spectrum",)
+
+    def __init__(
+        self,
+        base_layer: nn.Module,
+        n_frequency: int,
+        scaling: float,
+        random_loc_seed: int = 777,
+        init_weights: bool = False,
+        name: str = "",
+    ) -> None:
+        super().__init__(base_layer)
+        d_out, d_in = self.out_features, self.in_features
+        if n_frequency > d_out * d_in:
+            raise AdapterError(
+                f"FourierFT layer {name!r}: n_frequency={n_frequency} exceeds the {d_out}x{d_in}={d_out * d_in} "
+                "entries of its weight; lower n_frequency (or set n_frequency_pattern for this layer)"
+            )
+        self.n_frequency = n_frequency
+        self.scaling = scaling
+        self.random_loc_seed = random_loc_seed
+        w = base_layer.weight
+        coef = torch.zeros(n_frequency) if init_weights else torch.randn(n_frequency)
+        self.fourierft_spectrum = nn.Parameter(coef.to(device=w.device, dtype=w.dtype))
+
+        rows, cols = fourierft_positions(d_out, d_in, n_frequency, random_loc_seed)
+        row_bin, row_mirrored = _half_bins(rows, d_out)
+        col_bin, col_mirrored = _half_bins(cols, d_in)
+        # S's Hermitian half (d_out x d_in//2+1) gets c_p at (row, col), or at the mirror (-row, -col) when
+        # col is in the dropped half; irfft2 then restores Re(ifft2(S)).
+        half_row = torch.where(col_mirrored, (d_out - rows) % d_out, rows)
+        buffers = {
+            "half_index": half_row * (d_in // 2 + 1) + col_bin,
+            "half_weight": _fold_weight(col_bin, d_in),
+            # For the gradient: bins of the one-sided spectra of gy (rows) and x (cols), and the sign of the
+            # imaginary product: -1 when exactly one of the two frequencies is a conjugated mirror.
+            "row_bin": row_bin,
+            "col_bin": col_bin,
+            "bin_sign": torch.where(row_mirrored == col_mirrored, 1.0, -1.0),
+        }
+        for key, t in buffers.items():
+            self.register_buffer(key, t.to(w.device), persistent=False)
+        self._cache: tuple | None = None  # (key, spectrum copy, W + ΔW)
+
+    def delta_weight(self) -> torch.Tensor:
+        """scaling · Re(ifft2(S)) in the nn.Linear layout (d_out x d_in), fp32, differentiable."""
+        d_out, d_in = self.out_features, self.in_features
+        coef = (self.fourierft_spectrum.float() * (self.half_weight.float() * self.scaling)).to(torch.complex64)
+        half = coef.new_zeros(d_out * (d_in // 2 + 1)).index_add_(0, self.half_index, coef)
+        return torch.fft.irfft2(half.view(d_out, -1), s=(d_out, d_in))
+
+    @torch.no_grad()
+    def spectrum_grad(self, x: torch.Tensor, grad_y: torch.Tensor) -> torch.Tensor:
+        """∂L/∂c from the layer input x and output gradient: fft(gy)ᵀ·fft(x) sampled at the n positions."""
+        x, grad_y = x.reshape(-1, self.in_features), grad_y.reshape(-1, self.out_features)
+        dots = x.new_zeros(2, self.n_frequency, dtype=torch.float32)  # Σ_t re·re and Σ_t im·im per position
+        # Token chunks keep the gathered (2, n, chunk) planes cache-sized instead of n/d times x's size.
+        chunk = max(1, GRAD_CHUNK_ELEMENTS // self.n_frequency)
+        for t in range(0, x.shape[0], chunk):
+            xs, gs = _spectrum_fm(x[t : t + chunk]), _spectrum_fm(grad_y[t : t + chunk])
+            dots += torch.linalg.vecdot(xs.index_select(1, self.col_bin), gs.index_select(1, self.row_bin))
+        grad = (dots[0] - self.bin_sign * dots[1]) * (self.scaling / (self.in_features * self.out_features))
+        return grad.to(self.fourierft_spectrum.dtype)
+
+    def base_weight(self) -> torch.Tensor:
+        """The frozen weight in the nn.Linear layout (a view for Conv1D)."""
+        w = self.base_layer.weight
+        return w.T if self.fan_in_fan_out else w
+
+    def cached_weight(self) -> torch.Tensor:
+        """W + ΔW (nn.Linear layout, W's dtype, summed in fp32), rebuilt only when the spectrum or W changed.
+
+        No autograd graph: _FourierFTLinear supplies the gradient."""
+        spectrum, w = self.fourierft_spectrum, self.base_layer.weight
+        # The spectrum is compared by value (n numbers), which also catches edits through `.data`;
+        # the base weight by storage and version (merge/unmerge drop the cache themselves).
+        key = (w.data_ptr(), w._version, w.dtype, spectrum.device, spectrum.dtype)
+        if self._cache is None or self._cache[0] != key or not torch.equal(self._cache[1], spectrum):
+            with torch.no_grad():
+                weight = (self.base_weight().float() + self.delta_weight()).to(w.dtype)
+                self._cache = (key, spectrum.detach().clone(), weight)
+        return self._cache[2]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.merged:
+            return self.base_layer(x)
+        weight, bias = self.base_layer.weight, self.base_layer.bias
+        if torch.is_grad_enabled():
+            if weight.requires_grad or (bias is not None and bias.requires_grad):  # rare: the base trains too
+                return F.linear(x, self.base_weight() + self.delta_weight().to(weight.dtype), bias)
+            if self.fourierft_spectrum.requires_grad:
+                return _FourierFTLinear.apply(x, self.fourierft_spectrum, self)
+        return F.linear(x, self.cached_weight(), bias)
+
+    def merge(self) -> None:
+        self._cache = None
+        super().merge()
+
+    def unmerge(self) -> None:
+        self._cache = None
+        super().unmerge()
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, n_frequency={self.n_frequency}, scaling={self.scaling:g}"

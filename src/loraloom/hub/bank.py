@@ -1,0 +1,220 @@
+"""The module bank: N LoRA modules read straight from their files and stacked per target layer.
+
+For each adapted layer the bank holds ``A`` (N x r x d_in) and ``B`` (N x d_out x r), row i being module
+i. Every file is read once (safetensors, or a legacy ``.bin`` through ``torch.load(weights_only=True)``);
+no model is built and nothing is deep-copied. The bank is read-only: composition makes new tensors.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from ..adapters.base import ADAPTABLE_LAYERS, AdapterError, _layer_dims
+from ..adapters.lora import LoraConfig, lora_scaling
+from ..adapters.peft_format import KEY_PREFIX, normalise_key, read_adapter
+
+# <prefix><layer path>.lora_A.weight / .lora_B.weight
+_LORA_KEY = re.compile(rf"^{re.escape(KEY_PREFIX)}(?P<layer>.+)\.lora_(?P<which>[AB])\.weight$")
+
+# Config fields that must agree across modules for a weighted sum of their A and B to mean anything.
+_SHARED_FIELDS = ("r", "lora_alpha", "use_rslora", "rank_pattern", "alpha_pattern")
+
+
+@dataclass
+class ModuleBank:
+    """N LoRA modules of one architecture, stacked per layer."""
+
+    names: list[str]
+    config: LoraConfig  # the first module's config; the shared fields agree across the bank
+    A: dict[str, torch.Tensor]  # layer path -> N x r x d_in
+    B: dict[str, torch.Tensor]  # layer path -> N x d_out x r
+    scaling: dict[str, float] = field(default_factory=dict)  # layer path -> alpha / r (or rsLoRA's)
+
+    def __len__(self) -> int:
+        return len(self.names)
+
+    @property
+    def layers(self) -> list[str]:
+        return list(self.A)
+
+    def composed(self, weights: torch.Tensor | Sequence[float]) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        """Per layer (A_hat, B_hat) = (Σ w_i·A_i, Σ w_i·B_i) for one weight vector of length N."""
+        w = self.check_weights(weights)
+        return {name: (_weighted_sum(w, self.A[name]), _weighted_sum(w, self.B[name])) for name in self.A}
+
+    def peft_tensors(self, weights: torch.Tensor | Sequence[float]) -> dict[str, torch.Tensor]:
+        """The composed module under PEFT's saved key names."""
+        out = {}
+        for name, (a, b) in self.composed(weights).items():
+            out[f"{KEY_PREFIX}{name}.lora_A.weight"] = a
+            out[f"{KEY_PREFIX}{name}.lora_B.weight"] = b
+        return out
+
+    def check_weights(self, weights: torch.Tensor | Sequence[float], source: str = "weights") -> torch.Tensor:
+        """One weight per module, finite, as a float32 tensor; a clear error otherwise."""
+        w = torch.as_tensor(weights, dtype=torch.float32).detach().cpu()
+        if w.ndim != 1 or w.numel() != len(self):
+            raise ValueError(f"{source}: expected {len(self)} weights (one per module), got shape {tuple(w.shape)}")
+        if not torch.isfinite(w).all():
+            raise ValueError(f"{source}: weights must be finite, got {w.tolist()}")
+        return w
+
+    def check_base(self, model: nn.Module) -> None:
+        """Every bank layer exists in ``model`` as a Linear/Conv1D whose shape fits the modules."""
+        modules = dict(model.named_modules())
+        for name in self.A:
+            layer = modules.get(name)
+            if layer is None:
+                raise AdapterError(
+                    f"module {self.names[0]}: layer {name!r} does not exist in {type(model).__name__} "
+                    "(modules trained for a different base model?)"
+                )
+            base = getattr(layer, "base_layer", layer)  # an already adapted layer is reported by the installer
+            if not isinstance(base, ADAPTABLE_LAYERS):
+                raise AdapterError(
+                    f"module {self.names[0]}: layer {name!r} is a {type(base).__name__}, not a linear layer"
+                )
+            d_in, d_out = _layer_dims(base)
+            k, d = self.A[name].shape[2], self.B[name].shape[1]
+            if (k, d) != (d_in, d_out):
+                raise AdapterError(
+                    f"module {self.names[0]}: layer {name!r} maps {k} -> {d} features but the base model's layer "
+                    f"maps {d_in} -> {d_out} (modules trained for a different base model?)"
+                )
+
+
+def _weighted_sum(w: torch.Tensor, stacked: torch.Tensor) -> torch.Tensor:
+    """Σ_i w_i · stacked[i] as one matmul over the flattened rows (w: N, or P x N)."""
+    n = stacked.shape[0]
+    flat = stacked.reshape(n, -1)
+    out = w.to(flat.dtype) @ flat
+    return out.reshape(*w.shape[:-1], *stacked.shape[1:])
+
+
+def _split_keys(tensors: dict[str, torch.Tensor], name: str) -> dict[str, dict[str, torch.Tensor]]:
+    """{layer path: {"A": tensor, "B": tensor}} from a module's PEFT-keyed tensors."""
+    layers: dict[str, dict[str, torch.Tensor]] = {}
+    for key, t in tensors.items():
+        m = _LORA_KEY.match(normalise_key(key))
+        if m is None:
+            raise AdapterError(
+                f"module {name}: tensor {key!r} is not a LoRA A/B weight; LoraHub composes plain LoRA modules "
+                "(no modules_to_save, biases or embeddings)"
+            )
+        layers.setdefault(m["layer"], {})[m["which"]] = t
+    for layer, ab in layers.items():
+        if set(ab) != {"A", "B"}:
+            missing = "lora_B" if "A" in ab else "lora_A"
+            raise AdapterError(f"module {name}: layer {layer!r} has no {missing} weight")
+    return layers
+
+
+def list_pool(pool: str | os.PathLike) -> list[str]:
+    """The module folders (those holding an adapter_config.json) directly inside ``pool``, sorted."""
+    root = Path(pool)
+    if not root.is_dir():
+        raise AdapterError(f"module pool {root}: not a directory")
+    folders = sorted(str(p.parent) for p in root.glob("*/adapter_config.json"))
+    if not folders:
+        raise AdapterError(f"module pool {root}: no module folders (subfolders with adapter_config.json)")
+    return folders
+
+
+def load_bank(
+    modules: Sequence[str | os.PathLike],
+    *,
+    base_model: nn.Module | None = None,
+    dtype: torch.dtype = torch.float32,
+    progress: bool = False,
+) -> ModuleBank:
+    """Read N LoRA modules (PEFT folders or hub ids) into a bank, checking they can be composed.
+
+    All modules must be LoRA with the same target layers, rank and alpha, and (if ``base_model`` is
+    given) shapes that fit it. Errors name the module and the layer.
+    """
+    if isinstance(modules, (str, os.PathLike)):
+        raise TypeError("modules: expected a list of module folders or hub ids, got a single path")
+    names = [str(m) for m in modules]
+    if not names:
+        raise ValueError("no LoRA modules given: LoraHub needs at least one module to compose")
+    if len(set(names)) != len(names):
+        dup = next(n for n in names if names.count(n) > 1)
+        raise ValueError(f"module {dup} is listed twice")
+
+    first_config: LoraConfig | None = None
+    first_layers: dict[str, dict[str, torch.Tensor]] = {}
+    A: dict[str, torch.Tensor] = {}
+    B: dict[str, torch.Tensor] = {}
+    for i, name in enumerate(tqdm(names, desc="loading modules", unit="module", disable=not progress)):
+        config, tensors, _ = read_adapter(name)
+        if not isinstance(config, LoraConfig):
+            raise AdapterError(f"module {name}: peft_type {config.peft_type!r}; LoraHub composes LORA modules")
+        layers = _split_keys(tensors, name)
+        if first_config is None:
+            first_config, first_layers = config, layers
+            # Preallocate the stacks; each module's tensors are copied into its row once.
+            for layer, ab in layers.items():
+                A[layer] = torch.empty((len(names), *ab["A"].shape), dtype=dtype)
+                B[layer] = torch.empty((len(names), *ab["B"].shape), dtype=dtype)
+        else:
+            _check_same_architecture(name, config, layers, names[0], first_config, first_layers)
+        for layer, ab in layers.items():
+            A[layer][i].copy_(ab["A"])
+            B[layer][i].copy_(ab["B"])
+
+    assert first_config is not None
+    scaling = {}
+    for layer in A:
+        r, alpha = first_config.rank_and_alpha(layer)
+        if A[layer].shape[1] != r:
+            raise AdapterError(
+                f"module {names[0]}: layer {layer!r} has rank {A[layer].shape[1]} but its config says r={r}"
+            )
+        scaling[layer] = lora_scaling(r, alpha, first_config.use_rslora)
+    bank = ModuleBank(names=names, config=first_config, A=A, B=B, scaling=scaling)
+    if base_model is not None:
+        bank.check_base(base_model)
+    return bank
+
+
+def _check_same_architecture(
+    name: str,
+    config: LoraConfig,
+    layers: dict[str, dict[str, torch.Tensor]],
+    first_name: str,
+    first_config: LoraConfig,
+    first_layers: dict[str, dict[str, torch.Tensor]],
+) -> None:
+    for f in _SHARED_FIELDS:
+        if getattr(config, f) != getattr(first_config, f):
+            raise AdapterError(
+                f"module {name}: {f}={getattr(config, f)!r} but module {first_name} has {f}={getattr(first_config, f)!r}; "
+                "LoraHub composes modules of one rank and alpha"
+            )
+    missing = sorted(set(first_layers) - set(layers))
+    extra = sorted(set(layers) - set(first_layers))
+    if missing or extra:
+        which = f"lacks layer {missing[0]!r}" if missing else f"adapts layer {extra[0]!r}"
+        raise AdapterError(
+            f"module {name}: {which} that module {first_name} {'adapts' if missing else 'does not'} "
+            f"({len(missing)} missing, {len(extra)} extra); LoraHub composes modules with the same target layers"
+        )
+    for layer, ab in layers.items():
+        for which in ("A", "B"):
+            got, want = ab[which].shape, first_layers[layer][which].shape
+            if got != want:
+                raise AdapterError(
+                    f"module {name}: layer {layer!r} lora_{which} has shape {tuple(got)} but module {first_name} "
+                    f"has {tuple(want)} (different rank or base model)"
+                )
+
+
+__all__ = ["ModuleBank", "list_pool", "load_bank"]

@@ -1,0 +1,144 @@
+"""The composed layer: y = W0·x + s·B_hat·A_hat·x with A_hat = Σ w_i·A_i and B_hat = Σ w_i·B_i.
+
+LoraHub's COMPOSE step (the update has cross terms w_i·w_j·B_i·A_j; it is not Σ w_i·B_i·A_i). The
+layers are installed once in the base model and hold the bank's stacks as read-only buffers; an
+evaluation only sets the weights and runs the model.
+
+Population mode: ``w`` is P x N, one row per candidate. The batch is then the few-shot batch repeated P
+times, candidate-major, and each layer runs the rows of candidate p through its own (A_hat[p], B_hat[p])
+with one batched matmul: P candidates cost one forward pass.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..adapters.base import AdapterError, AdapterLayer
+from ..adapters.inject import _set_submodule
+from .bank import ModuleBank, _weighted_sum
+
+
+def as_population(weights: torch.Tensor | Sequence[float], n: int) -> torch.Tensor:
+    """Weights as a P x N float tensor (a single vector of N becomes P = 1); autograd is kept."""
+    w = torch.as_tensor(weights, dtype=torch.float32) if not isinstance(weights, torch.Tensor) else weights.float()
+    if w.ndim == 1:
+        w = w[None]
+    if w.ndim != 2 or w.shape[1] != n:
+        raise ValueError(f"expected weights of shape ({n},) or (P, {n}), got {tuple(w.shape)}")
+    return w
+
+
+class ComposedLoraLayer(AdapterLayer):
+    """A base layer plus the weighted composition of the bank's modules for this layer."""
+
+    def __init__(self, base_layer: nn.Module, A: torch.Tensor, B: torch.Tensor, scaling: float) -> None:
+        super().__init__(base_layer)
+        # The bank's stacks, shared (not copied) and never written to. Not in the state dict.
+        self.register_buffer("bank_A", A, persistent=False)  # N x r x d_in
+        self.register_buffer("bank_B", B, persistent=False)  # N x d_out x r
+        self.scaling = scaling
+        self.A_hat: torch.Tensor | None = None  # P x r x d_in
+        self.B_hat: torch.Tensor | None = None  # P x d_out x r
+
+    def set_weights(self, w: torch.Tensor, dtype: torch.dtype | None = None) -> None:
+        """Compose for the P x N weights ``w`` (autograd flows to ``w`` if it requires grad)."""
+        dtype = dtype or self.bank_A.dtype
+        self.A_hat = _weighted_sum(w, self.bank_A).to(dtype)
+        self.B_hat = _weighted_sum(w, self.bank_B).to(dtype)
+
+    def clear(self) -> None:
+        self.A_hat = self.B_hat = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.base_layer(x)
+        if self.merged or self.A_hat is None:
+            return y
+        a, b = self.A_hat, self.B_hat
+        x = x.to(a.dtype)
+        if a.shape[0] == 1:
+            delta = F.linear(F.linear(x, a[0]) * self.scaling, b[0])
+        else:
+            p = a.shape[0]
+            if x.shape[0] % p:
+                raise AdapterError(f"batch of {x.shape[0]} rows cannot be split among {p} candidates")
+            rows = x.reshape(p, -1, x.shape[-1])  # candidate-major: rows of candidate i are contiguous
+            h = torch.bmm(rows, a.transpose(1, 2)) * self.scaling
+            delta = torch.bmm(h, b.transpose(1, 2)).reshape(*x.shape[:-1], b.shape[1])
+        return y + delta.to(y.dtype)
+
+    def delta_weight(self) -> torch.Tensor:
+        """s·B_hat·A_hat (d_out x d_in, fp32) for a single composition, as merge needs."""
+        if self.A_hat is None or self.A_hat.shape[0] != 1:
+            raise AdapterError("merge needs exactly one composition: set one weight vector first")
+        return (self.B_hat[0].float() @ self.A_hat[0].float()) * self.scaling
+
+    def extra_repr(self) -> str:
+        n, r = self.bank_A.shape[:2]
+        return f"{super().extra_repr()}, modules={n}, r={r}, scaling={self.scaling:g}"
+
+
+class Composition:
+    """The bank installed in a model: set the weights, run the model, and finally merge or remove.
+
+    Installing swaps each target layer for a ``ComposedLoraLayer`` (in place, once); ``remove`` puts the
+    base layers back. Use as a context manager to make sure the model is restored.
+    """
+
+    def __init__(self, model: nn.Module, bank: ModuleBank) -> None:
+        bank.check_base(model)
+        self.model, self.bank = model, bank
+        self.layers: dict[str, ComposedLoraLayer] = {}
+        for name in bank.layers:
+            base = model.get_submodule(name)
+            if isinstance(base, AdapterLayer):
+                raise AdapterError(f"layer {name!r} already carries an adapter; merge_and_unload it first")
+            w = base.weight
+            layer = ComposedLoraLayer(base, bank.A[name].to(w.device), bank.B[name].to(w.device), bank.scaling[name])
+            self.layers[name] = layer
+        for name, layer in self.layers.items():
+            _set_submodule(model, name, layer)
+
+    def set_weights(self, weights: torch.Tensor | Sequence[float], dtype: torch.dtype | None = None) -> None:
+        """Weights of shape N (one composition) or P x N (population); ``dtype`` is the compute dtype."""
+        w = as_population(weights, len(self.bank)).to(self.device)
+        for layer in self.layers.values():
+            layer.set_weights(w, dtype)
+
+    def clear(self) -> None:
+        """Drop the composed tensors: the model runs as the base model until weights are set again."""
+        for layer in self.layers.values():
+            layer.clear()
+
+    @property
+    def device(self) -> torch.device:
+        return next(iter(self.layers.values())).bank_A.device
+
+    def merge(self, weights: torch.Tensor | Sequence[float]) -> nn.Module:
+        """Merge the composition for ``weights`` into the base weights and remove the layers."""
+        w = self.bank.check_weights(weights)
+        with torch.no_grad():
+            self.set_weights(w)
+            for layer in self.layers.values():
+                layer.merge()
+        return self.remove()
+
+    def remove(self) -> nn.Module:
+        """Put the base layers back (merged deltas stay in their weights); returns the model."""
+        for name, layer in self.layers.items():
+            if self.model.get_submodule(name) is layer:
+                _set_submodule(self.model, name, layer.base_layer)
+            layer.clear()
+        return self.model
+
+    def __enter__(self) -> Composition:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.remove()
+
+
+__all__ = ["ComposedLoraLayer", "Composition", "as_population"]

@@ -1,0 +1,155 @@
+"""What a LoraHub run leaves behind: the weights, the trace, the composed module, and how to save them.
+
+``save(dir)`` writes ``dir/adapter`` (the composed module as a PEFT folder: loads in PEFT, in loraloom,
+and in the reference's ``lorahub_inference`` after ``PeftModel.from_pretrained``), ``dir/weights.json``
+(modules, weights, settings; ``read_weights`` reads it back and checks it), ``dir/trace.csv`` (one row
+per evaluation) and ``dir/trace.png`` (objective per evaluation, and the weights as bars).
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import io
+import json
+import math
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from torch import nn
+
+from ..adapters.peft_format import atomic_write, write_adapter_folder
+from .bank import ModuleBank
+from .compose import Composition
+from .search import Evaluation
+from .select import Selection
+
+ADAPTER_DIR, WEIGHTS_FILE, TRACE_CSV, TRACE_PNG = "adapter", "weights.json", "trace.csv", "trace.png"
+
+
+@dataclass
+class LoraHubResult:
+    weights: list[float]  # one per module, in the order of ``modules``
+    objective: float  # the best objective value found (that of ``weights``)
+    trace: list[Evaluation]
+    modules: list[str]
+    selection: Selection
+    settings: dict[str, Any] = field(default_factory=dict)  # optimizer, budget, seed, objective kind, ...
+    seconds: float = 0.0  # search wall time
+    timings: dict[str, float] = field(default_factory=dict)  # seconds per phase: load_model, load_modules, search
+    bank: ModuleBank | None = field(default=None, repr=False)
+    model: nn.Module | None = field(default=None, repr=False)  # the base model, left as it was given
+
+    @property
+    def best(self) -> Evaluation:
+        return min(self.trace, key=lambda e: e.objective)
+
+    def merge(self, model: nn.Module | None = None) -> nn.Module:
+        """Merge the composed module into ``model`` (default: the base model of the run), in place."""
+        model = model if model is not None else self.model
+        if model is None or self.bank is None:
+            raise ValueError("this result holds no model or module bank to merge (was it read from disk?)")
+        return Composition(model, self.bank).merge(self.weights)
+
+    def save_adapter(self, out_dir: str | os.PathLike) -> Path:
+        """The composed module (A_hat, B_hat per layer) as a PEFT LoRA folder."""
+        if self.bank is None:
+            raise ValueError("this result holds no module bank to compose")
+        config = dataclasses.replace(
+            self.bank.config, init_lora_weights=True, lora_dropout=0.0, base_model_name_or_path=self._base_name()
+        )
+        return write_adapter_folder(out_dir, config, self.bank.peft_tensors(self.weights))
+
+    def _base_name(self) -> str | None:
+        name = getattr(getattr(self.model, "config", None), "_name_or_path", None)
+        return name or (self.bank.config.base_model_name_or_path if self.bank is not None else None)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "modules": self.modules,
+            "weights": self.weights,
+            "objective": self.objective if math.isfinite(self.objective) else None,
+            "settings": self.settings,
+            "selection": self.selection.to_dict(),
+            "evaluations": len(self.trace),
+            "seconds": self.seconds,
+            "timings": self.timings,
+        }
+
+    def save(self, out_dir: str | os.PathLike, *, plot: bool = True) -> Path:
+        """Write adapter/, weights.json, trace.csv and (if ``plot``) trace.png into ``out_dir``."""
+        out = Path(out_dir)
+        self.save_adapter(out / ADAPTER_DIR)
+        text = json.dumps(self.to_dict(), indent=2, default=str) + "\n"
+        atomic_write(out / WEIGHTS_FILE, lambda tmp: Path(tmp).write_text(text))
+        atomic_write(out / TRACE_CSV, lambda tmp: Path(tmp).write_text(trace_csv(self.trace, self.modules)))
+        if plot:
+            atomic_write(out / TRACE_PNG, lambda tmp: plot_trace(self, tmp))
+        return out
+
+
+def trace_csv(trace: list[Evaluation], modules: list[str]) -> str:
+    buf = io.StringIO()
+    writer = csv.writer(buf, lineterminator="\n")
+    writer.writerow(
+        ["eval", "objective", "loss", "penalty", "seconds", "elapsed"] + [f"w{i}" for i in range(len(modules))]
+    )
+    for e in trace:
+        writer.writerow(
+            [e.index, repr(e.objective), repr(e.loss), repr(e.penalty), f"{e.seconds:.6f}", f"{e.elapsed:.6f}"]
+            + [repr(w) for w in e.weights]
+        )
+    return buf.getvalue()
+
+
+def plot_trace(result: LoraHubResult, path: str | os.PathLike) -> None:
+    """Objective per evaluation (with the best so far) beside the final weights as bars."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    values = [e.objective for e in result.trace]
+    best, running = [], math.inf
+    for v in values:
+        running = min(running, v)
+        best.append(running)
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
+    left.plot(range(1, len(values) + 1), values, ".", color="tab:gray", label="evaluation")
+    left.plot(range(1, len(values) + 1), best, "-", color="tab:blue", label="best so far")
+    left.set(xlabel="evaluation", ylabel="objective", title=f"LoraHub search ({result.settings.get('method', '')})")
+    left.legend()
+    right.bar(range(len(result.weights)), result.weights, color="tab:blue")
+    right.axhline(0, color="black", linewidth=0.5)
+    right.set(xlabel="module", ylabel="weight", title=f"weights (objective {result.objective:.4f})")
+    right.set_xticks(range(len(result.weights)), [Path(m).name for m in result.modules], rotation=90, fontsize=6)
+    fig.tight_layout()
+    fig.savefig(path, format="png", dpi=100)
+    plt.close(fig)
+
+
+def read_weights(path: str | os.PathLike, modules: list[str] | None = None) -> tuple[list[str], list[float]]:
+    """(modules, weights) from a weights.json; with ``modules`` given, the counts must agree."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / WEIGHTS_FILE
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path}: cannot read weights ({e})") from e
+    if not isinstance(data, dict) or not isinstance(data.get("weights"), list):
+        raise ValueError(f"{path}: expected an object with a 'weights' list")
+    weights = data["weights"]
+    if not all(isinstance(w, (int, float)) and not isinstance(w, bool) and math.isfinite(w) for w in weights):
+        raise ValueError(f"{path}: 'weights' must hold finite numbers")
+    file_modules = data.get("modules")
+    if not isinstance(file_modules, list) or len(file_modules) != len(weights):
+        raise ValueError(f"{path}: 'modules' must list one module per weight ({len(weights)} weights)")
+    if modules is not None and len(modules) != len(weights):
+        raise ValueError(f"{path}: holds {len(weights)} weights but {len(modules)} modules were given")
+    return [str(m) for m in (modules if modules is not None else file_modules)], [float(w) for w in weights]
+
+
+__all__ = ["LoraHubResult", "plot_trace", "read_weights", "trace_csv"]

@@ -1,0 +1,101 @@
+"""Which modules to compose: given, drawn at random from a pool (the paper), or retrieved by a cheap score.
+
+Retrieval scores every pool module on its own (w = one-hot: the module exactly as trained) by its
+few-shot loss, and keeps the N lowest. The pool is read in chunks, so a pool of hundreds of modules
+never sits in memory at once, and each chunk is scored with the population pass of the objective.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from .bank import list_pool, load_bank
+from .compose import Composition
+from .objective import Objective
+
+METHODS = ("random", "retrieval")
+RETRIEVAL_CHUNK = 32  # modules read and scored together
+
+
+@dataclass
+class Selection:
+    """How the composed modules were chosen."""
+
+    method: str  # "given", "random" or "retrieval"
+    modules: list[str]
+    pool_size: int
+    seed: int | None = None  # random
+    scores: dict[str, float] = field(default_factory=dict)  # retrieval: each pool module's own loss
+
+    def to_dict(self) -> dict:
+        return {
+            "method": self.method,
+            "modules": self.modules,
+            "pool_size": self.pool_size,
+            "seed": self.seed,
+            "scores": self.scores,
+        }
+
+
+def pool_modules(pool: str | os.PathLike | Sequence[str | os.PathLike]) -> list[str]:
+    """The pool as a list: the module folders inside a directory, or the given list."""
+    if isinstance(pool, (str, os.PathLike)):
+        return list_pool(pool)
+    modules = [str(m) for m in pool]
+    if not modules:
+        raise ValueError("the module pool is empty")
+    return modules
+
+
+def _check_num(num: int, pool: list[str]) -> None:
+    if not isinstance(num, int) or num < 1:
+        raise ValueError(f"num must be a positive number of modules, got {num!r}")
+    if num > len(pool):
+        raise ValueError(f"cannot select {num} modules from a pool of {len(pool)}")
+
+
+def select_random(pool: Sequence[str], num: int, seed: int) -> Selection:
+    """``num`` modules drawn without replacement with ``random.Random(seed)`` (the paper's sampling)."""
+    pool = list(pool)
+    _check_num(num, pool)
+    return Selection("random", random.Random(seed).sample(pool, num), len(pool), seed=seed)
+
+
+def select_retrieval(
+    pool: Sequence[str],
+    num: int,
+    model: nn.Module,
+    features: Sequence[dict[str, list[int]]],
+    *,
+    pad_token_id: int,
+    dtype: torch.dtype | None = None,
+    population: int = 8,
+    progress: bool = False,
+) -> Selection:
+    """The ``num`` pool modules with the lowest few-shot loss on their own (ties: pool order)."""
+    pool = list(pool)
+    _check_num(num, pool)
+    scores: dict[str, float] = {}
+    chunks = [pool[i : i + RETRIEVAL_CHUNK] for i in range(0, len(pool), RETRIEVAL_CHUNK)]
+    with tqdm(total=len(pool), desc="scoring pool", unit="module", disable=not progress) as bar:
+        for chunk in chunks:
+            with Composition(model, load_bank(chunk, base_model=model)) as composition:
+                objective = Objective(composition, features, pad_token_id=pad_token_id, dtype=dtype)
+                one_hot = torch.eye(len(chunk))
+                for start in range(0, len(chunk), population):
+                    losses = objective(one_hot[start : start + population]).losses
+                    for name, loss in zip(chunk[start : start + population], losses.tolist(), strict=True):
+                        scores[name] = loss
+                    bar.update(len(losses))
+    ranked = sorted(pool, key=lambda m: (scores[m] != scores[m], scores[m]))  # NaN last
+    return Selection("retrieval", ranked[:num], len(pool), scores=scores)
+
+
+__all__ = ["METHODS", "Selection", "pool_modules", "select_random", "select_retrieval"]

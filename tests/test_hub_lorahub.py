@@ -1,0 +1,170 @@
+"""``lorahub``: search, trace, selection, save / reload, and clear errors on bad input."""
+
+from __future__ import annotations
+
+import csv
+import json
+
+import pytest
+import torch
+from hub_modules import EXAMPLES, make_modules, tokenizer
+from tiny_models import logits, model_inputs, tiny_llama, tiny_t5
+
+import loraloom as ll
+from loraloom.adapters import load_adapter
+from loraloom.data import collate, load_examples
+from loraloom.hub import Composition, Objective, compose, encode_few_shot, load_bank, read_weights
+from loraloom.hub.select import select_random
+
+
+@pytest.fixture
+def t5_setup(tmp_path):
+    model = tiny_t5()
+    return model, make_modules(model, tmp_path / "modules", 4)
+
+
+def rescore(model, modules, weights, tok, **kwargs):
+    """The objective of ``weights`` computed afresh, in a new composition."""
+    with Composition(model, load_bank(modules)) as composition:
+        features = encode_few_shot(model, tok, load_examples(EXAMPLES))
+        return Objective(composition, features, pad_token_id=0, **kwargs)(weights).values.item()
+
+
+@pytest.mark.parametrize("population", [1, 4])
+def test_lorahub_finds_better_weights_and_traces_every_evaluation(t5_setup, population):
+    model, modules = t5_setup
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    result = ll.lorahub(model, modules, EXAMPLES, tokenizer=tokenizer(), budget=12, seed=1, population=population)
+    assert len(result.trace) == 12 and len(result.weights) == 4
+    assert [e.index for e in result.trace] == list(range(12))
+    assert result.trace[0].weights == [0.0] * 4  # nevergrad starts at w = 0
+    assert result.objective == min(e.objective for e in result.trace) <= result.trace[0].objective
+    assert result.weights == result.best.weights and len({tuple(e.weights) for e in result.trace}) > 6
+    assert all(abs(w) <= 1.5 for e in result.trace for w in e.weights)
+    assert all(e.objective == pytest.approx(e.loss + e.penalty) and e.seconds > 0 for e in result.trace)
+    assert result.objective == pytest.approx(rescore(model, modules, result.weights, tokenizer()), abs=1e-5)
+    assert result.settings["population"] == population and result.selection.method == "given"
+    after = model.state_dict()  # the base model is left as it was
+    assert after.keys() == before.keys() and all(torch.equal(after[k], v) for k, v in before.items())
+
+
+def test_same_seed_same_search(t5_setup):
+    model, modules = t5_setup
+    runs = [ll.lorahub(model, modules, EXAMPLES, tokenizer=tokenizer(), budget=8, seed=3) for _ in range(2)]
+    assert runs[0].weights == runs[1].weights and runs[0].objective == runs[1].objective
+
+
+def test_causal_lm_and_bf16(tmp_path):
+    model = tiny_llama()
+    modules = make_modules(model, tmp_path, 3, targets=["q_proj", "v_proj"])
+    tok = tokenizer(add_eos=False)
+    result = ll.lorahub(model, modules, EXAMPLES, tokenizer=tok, budget=8, dtype="bf16", optimizer="TwoPointsDE")
+    assert result.settings["dtype"] == "bf16" and next(model.parameters()).dtype == torch.float32
+    assert result.objective == pytest.approx(rescore(model, modules, result.weights, tok), rel=2e-2)
+
+
+def test_gradient_mode_descends(t5_setup):
+    model, modules = t5_setup
+    result = ll.lorahub(model, modules, EXAMPLES, tokenizer=tokenizer(), budget=10, mode="gradient", lr=0.1)
+    values = [e.objective for e in result.trace]
+    assert result.settings["mode"] == "gradient" and len(values) == 10
+    assert min(values) < values[0]
+    assert all(p.grad is None for p in model.parameters())
+
+
+def test_reference_objective_option(t5_setup):
+    model, modules = t5_setup
+    result = ll.lorahub(model, modules, EXAMPLES, tokenizer=tokenizer(), budget=5, objective="reference")
+    expected = rescore(model, modules, result.weights, tokenizer(), kind="reference")
+    assert result.objective == pytest.approx(expected, abs=1e-6)
+
+
+def test_save_writes_adapter_weights_trace_and_plot(t5_setup, tmp_path):
+    model, modules = t5_setup
+    result = ll.lorahub(model, modules, EXAMPLES, tokenizer=tokenizer(), budget=6)
+    out = result.save(tmp_path / "out")
+    saved = json.loads((out / "weights.json").read_text())
+    assert saved["weights"] == result.weights and saved["modules"] == modules
+    assert saved["objective"] == result.objective and saved["selection"]["method"] == "given"
+    rows = list(csv.DictReader((out / "trace.csv").open()))
+    assert len(rows) == 6 and float(rows[0]["objective"]) == result.trace[0].objective
+    assert (out / "trace.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+    inputs = model_inputs("t5")
+    merged = compose(tiny_t5(), *read_weights(out))
+    assert torch.allclose(
+        logits(load_adapter(tiny_t5(), out / "adapter", verbose=False), inputs), logits(merged, inputs), atol=1e-5
+    )
+
+    with pytest.raises(ValueError, match="holds 4 weights but 3 modules were given"):
+        read_weights(out / "weights.json", modules[:3])
+    saved["weights"] = saved["weights"][:3]
+    (out / "weights.json").write_text(json.dumps(saved))
+    with pytest.raises(ValueError, match="'modules' must list one module per weight"):
+        read_weights(out)
+    with pytest.raises(ValueError, match="expected 4 weights"):
+        compose(tiny_t5(), modules, [0.1, 0.2, 0.3])
+
+
+def test_random_selection_from_a_pool(tmp_path):
+    model = tiny_t5()
+    pool = make_modules(model, tmp_path / "pool", 6)
+    result = ll.lorahub(
+        model, pool=tmp_path / "pool", num=3, examples=EXAMPLES, tokenizer=tokenizer(), budget=3, seed=5
+    )
+    assert result.selection.method == "random" and result.selection.pool_size == 6
+    assert result.modules == result.selection.modules == select_random(sorted(pool), 3, 5).modules
+    assert len({tuple(select_random(sorted(pool), 3, seed).modules) for seed in range(5)}) > 1
+
+
+def test_retrieval_keeps_the_modules_with_the_lowest_own_loss(tmp_path):
+    model = tiny_t5()
+    pool = make_modules(model, tmp_path / "pool", 5, scale=0.3)
+    tok = tokenizer()
+    result = ll.lorahub(model, pool=pool, num=2, select="retrieval", examples=EXAMPLES, tokenizer=tok, budget=3)
+    scores = result.selection.scores
+    own = {}
+    for m in pool:  # each module alone, loaded the ordinary way, scored by the model's own loss
+        loaded = load_adapter(tiny_t5(), m, verbose=False)
+        features = encode_few_shot(loaded, tok, load_examples(EXAMPLES))
+        with torch.no_grad():
+            own[m] = loaded(**collate(features, 0)).loss.item()
+    assert scores == pytest.approx(own, abs=1e-5)
+    assert result.selection.method == "retrieval"
+    assert result.modules == sorted(pool, key=own.get)[:2]
+
+
+def test_bad_input_is_reported_clearly(t5_setup, tmp_path):
+    model, modules = t5_setup
+    tok = tokenizer()
+    with pytest.raises(ValueError, match="budget must be a positive number"):
+        ll.lorahub(model, modules, EXAMPLES, tokenizer=tok, budget=0)
+    with pytest.raises(ValueError, match="no LoRA modules"):
+        ll.lorahub(model, [], EXAMPLES, tokenizer=tok)
+    with pytest.raises(ValueError, match="no examples"):
+        ll.lorahub(model, modules, [], tokenizer=tok)
+    with pytest.raises(ValueError, match="either modules"):
+        ll.lorahub(model, modules, EXAMPLES, tokenizer=tok, pool=tmp_path)
+    with pytest.raises(ValueError, match="cannot select 9 modules from a pool of 4"):
+        ll.lorahub(model, pool=modules, num=9, examples=EXAMPLES, tokenizer=tok)
+    with pytest.raises(ValueError, match="unknown nevergrad optimizer 'CMAES'; did you mean"):
+        ll.lorahub(model, modules, EXAMPLES, tokenizer=tok, optimizer="CMAES")
+    with pytest.raises(ValueError, match="dtype must be one of"):
+        ll.lorahub(model, modules, EXAMPLES, tokenizer=tok, dtype="fp16")
+    with pytest.raises(ValueError, match="pass tokenizer"):
+        ll.lorahub(model, modules, EXAMPLES)
+    other_rank = make_modules(model, tmp_path / "r8", 1, r=8)
+    with pytest.raises(ll.AdapterError, match="r=8 but module"):
+        ll.lorahub(model, modules + other_rank, EXAMPLES, tokenizer=tok)
+    assert not any(type(m).__name__ == "ComposedLoraLayer" for m in model.modules())
+
+
+def test_nan_losses_do_not_crash_the_search(t5_setup):
+    model, modules = t5_setup
+    bank = load_bank(modules)
+    for name in bank.layers:  # module 0 makes the model produce inf / NaN
+        bank.A[name][0].fill_(1e30)
+        bank.B[name][0].fill_(1e30)
+    result = ll.lorahub(model, bank, EXAMPLES, tokenizer=tokenizer(), budget=10, optimizer="TwoPointsDE", population=2)
+    values = [e.objective for e in result.trace]
+    assert float("inf") in values and result.objective < float("inf")
