@@ -18,24 +18,35 @@ from .adapters import (
     save_adapter,
     unmerge,
 )
+from .data import DataError, Example, load_examples
+from .evaluate import EvalResult, evaluate, generate
 from .hub import LoraHubResult, lorahub
+from .train import TrainResult, train
 
 __version__ = "0.1.0"
 
 __all__ = [
     "AdapterConfig",
     "AdapterError",
+    "DataError",
+    "EvalResult",
+    "Example",
     "FourierFTConfig",
     "IA3Config",
     "LoraConfig",
     "LoraHubResult",
+    "TrainResult",
     "add_adapter",
     "count_parameters",
+    "evaluate",
+    "generate",
     "load_adapter",
+    "load_examples",
     "lorahub",
     "merge",
     "merge_and_unload",
     "read_adapter",
     "save_adapter",
+    "train",
     "unmerge",
 ]
