@@ -61,7 +61,10 @@ def make_modules(
             d_in, d_out = _layer_dims(layer)
             tensors[f"base_model.model.{name}.lora_A.weight"] = torch.randn(r, d_in, generator=g) * scale
             tensors[f"base_model.model.{name}.lora_B.weight"] = torch.randn(d_out, r, generator=g) * scale
-        config = LoraConfig(r=r, lora_alpha=alpha, target_modules=targets, base_model_name_or_path="tiny")
+        conv1d = type(model.get_submodule(names[0])).__name__ == "Conv1D"  # GPT-2: PEFT wants fan_in_fan_out
+        config = LoraConfig(
+            r=r, lora_alpha=alpha, target_modules=targets, fan_in_fan_out=conv1d, base_model_name_or_path="tiny"
+        )
         folder = root / f"{prefix}{i:02d}"
         write_adapter_folder(folder, config, tensors)
         if legacy:  # the old pickle format, read with torch.load(weights_only=True)

@@ -31,10 +31,11 @@ from .search import (
 )
 from .select import METHODS, Selection, pool_modules, select_random, select_retrieval
 
-# Candidates scored per forward pass. FLAN-T5-small shapes, 5 examples, CPU time on one core, relative to
-# one bare padded forward: 1 candidate a pass ~0.85x, 4 a pass ~0.65x each, 8 ~0.63x (bf16: 0.52x, 0.36x,
-# 0.33x). 8 gains little more and leaves a budget of 40 only 5 rounds. With workers, NGOpt picks
-# MetaModel instead of Cobyla; population=1 is the sequential search. See benchmarks/lorahub_vs_reference.py.
+# Candidates scored per forward pass (nevergrad workers). FLAN-T5-small shapes, 5 examples, 2 CPU cores,
+# per candidate relative to one bare padded fp32 forward: 1 a pass ~1.0x (bf16 ~0.55x), 4 a pass ~0.62x
+# (bf16 ~0.38x), 8 a pass ~0.62x (bf16 ~0.36x) while leaving a budget of 40 only 5 rounds. The price of
+# workers: NGOpt then runs MetaModel instead of the sequential Cobyla, which found better weights in
+# benchmarks/lorahub_vs_reference.py (10.19 vs 10.56). population=1 is that sequential search.
 DEFAULT_POPULATION = 4
 MODES = ("nevergrad", "gradient")
 DTYPES = {None: None, "fp32": None, "float32": None, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16}
@@ -95,7 +96,9 @@ def lorahub(
             ``"retrieval"`` keeps the ``num`` with the lowest few-shot loss on their own.
         budget: objective evaluations (nevergrad) or Adam steps (gradient mode).
         optimizer: a nevergrad optimizer name: "NGOpt" (the paper's), "CMA", "TwoPointsDE", "Cobyla", ...
-        population: candidates scored per forward pass (nevergrad's workers); 1 is the sequential search.
+        population: candidates scored per forward pass (nevergrad's workers): 4 is ~1.6x faster a
+            candidate than 1 on CPU; 1 is the sequential search (NGOpt then picks Cobyla, as the
+            reference does), which can find better weights within a small budget.
         objective: "mean" = mean token cross-entropy + alpha * mean|w| (default, alpha = 0.05), or
             "reference" = the reference package's formula (its loss term is divided by the number of
             examples and depends on ``batch_size``).
