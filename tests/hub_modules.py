@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from loraloom.adapters import LoraConfig, write_adapter_folder
-from loraloom.adapters.base import _layer_dims
+from loraloom.adapters.base import layer_dims
 from loraloom.adapters.inject import find_targets
 from loraloom.adapters.peft_format import CONFIG_NAME, LEGACY_WEIGHTS_NAME, WEIGHTS_NAME
 from loraloom.demo import train_tokenizer
@@ -58,7 +58,7 @@ def make_modules(
         tensors = {}
         for name in names:
             layer = model.get_submodule(name)
-            d_in, d_out = _layer_dims(layer)
+            d_in, d_out = layer_dims(layer)
             tensors[f"base_model.model.{name}.lora_A.weight"] = torch.randn(r, d_in, generator=g) * scale
             tensors[f"base_model.model.{name}.lora_B.weight"] = torch.randn(d_out, r, generator=g) * scale
         conv1d = type(model.get_submodule(names[0])).__name__ == "Conv1D"  # GPT-2: PEFT wants fan_in_fan_out

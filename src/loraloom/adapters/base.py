@@ -63,7 +63,7 @@ class AdapterConfig:
         raise NotImplementedError
 
 
-def _layer_dims(base_layer: nn.Module) -> tuple[int, int]:
+def layer_dims(base_layer: nn.Module) -> tuple[int, int]:
     """(d_in, d_out) of a Linear or a Conv1D (whose weight is stored d_in x d_out)."""
     if isinstance(base_layer, Conv1D):
         d_in, d_out = base_layer.weight.shape
@@ -86,7 +86,7 @@ class AdapterLayer(nn.Module):
         if not isinstance(base_layer, ADAPTABLE_LAYERS):
             raise AdapterError(f"cannot adapt {type(base_layer).__name__}: only nn.Linear and Conv1D are supported")
         self.base_layer = base_layer
-        self.in_features, self.out_features = _layer_dims(base_layer)
+        self.in_features, self.out_features = layer_dims(base_layer)
         self.fan_in_fan_out = isinstance(base_layer, Conv1D)
         self.merged = False
 

@@ -109,7 +109,7 @@ def find_targets(model: nn.Module, target_modules: list[str] | str) -> list[str]
     return names
 
 
-def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
+def set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
     parent_name, _, child = name.rpartition(".")
     setattr(model.get_submodule(parent_name) if parent_name else model, child, module)
 
@@ -157,7 +157,7 @@ def add_adapter(model: nn.Module, config: AdapterConfig, *, verbose: bool = True
     # PEFT records Conv1D targets (GPT-2) as fan_in_fan_out=True and warns otherwise.
     config.fan_in_fan_out = any(layer.fan_in_fan_out for layer in layers.values())
     for name, layer in layers.items():
-        _set_submodule(model, name, layer)
+        set_submodule(model, name, layer)
     for p in model.parameters():
         p.requires_grad_(False)
     for layer in layers.values():
@@ -209,7 +209,7 @@ def unmerge(model: nn.Module) -> nn.Module:
 def remove_adapter(model: nn.Module) -> nn.Module:
     """Put the base layers back, discarding any unmerged adapter (merged deltas stay in the weights)."""
     for name, layer in list(adapter_layers(model)):
-        _set_submodule(model, name, layer.base_layer)
+        set_submodule(model, name, layer.base_layer)
     if hasattr(model, CONFIG_ATTR):
         delattr(model, CONFIG_ATTR)
     return model

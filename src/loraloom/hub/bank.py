@@ -17,7 +17,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from ..adapters.base import ADAPTABLE_LAYERS, AdapterError, _layer_dims
+from ..adapters.base import ADAPTABLE_LAYERS, AdapterError, layer_dims
 from ..adapters.lora import LoraConfig, lora_scaling
 from ..adapters.peft_format import KEY_PREFIX, normalise_key, read_adapter
 
@@ -82,7 +82,7 @@ class ModuleBank:
                 raise AdapterError(
                     f"module {self.names[0]}: layer {name!r} is a {type(base).__name__}, not a linear layer"
                 )
-            d_in, d_out = _layer_dims(base)
+            d_in, d_out = layer_dims(base)
             k, d = self.A[name].shape[2], self.B[name].shape[1]
             if (k, d) != (d_in, d_out):
                 raise AdapterError(

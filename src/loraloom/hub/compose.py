@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..adapters.base import AdapterError, AdapterLayer
-from ..adapters.inject import _set_submodule
+from ..adapters.inject import set_submodule
 from .bank import ModuleBank, _weighted_sum
 
 
@@ -100,7 +100,7 @@ class Composition:
             layer = ComposedLoraLayer(base, bank.A[name].to(w.device), bank.B[name].to(w.device), bank.scaling[name])
             self.layers[name] = layer
         for name, layer in self.layers.items():
-            _set_submodule(model, name, layer)
+            set_submodule(model, name, layer)
 
     def set_weights(self, weights: torch.Tensor | Sequence[float], dtype: torch.dtype | None = None) -> None:
         """Weights of shape N (one composition) or P x N (population); ``dtype`` is the compute dtype."""
@@ -130,7 +130,7 @@ class Composition:
         """Put the base layers back (merged deltas stay in their weights); returns the model."""
         for name, layer in self.layers.items():
             if self.model.get_submodule(name) is layer:
-                _set_submodule(self.model, name, layer.base_layer)
+                set_submodule(self.model, name, layer.base_layer)
             layer.clear()
         return self.model
 
