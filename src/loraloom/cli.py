@@ -30,7 +30,14 @@ from transformers import (
 from .adapters import ADAPTER_TYPES, AdapterConfig, load_adapter, merge_and_unload, read_adapter
 from .adapters.base import AdapterError
 from .adapters.inject import matches
-from .adapters.peft_format import CONFIG_NAME, KEY_PREFIX, LEGACY_WEIGHTS_NAME, WEIGHTS_NAME, normalise_key
+from .adapters.peft_format import (
+    CONFIG_NAME,
+    KEY_PREFIX,
+    LEGACY_WEIGHTS_NAME,
+    WEIGHTS_NAME,
+    normalise_key,
+    read_json_object,
+)
 from .data import TASKS, Example, default_label2id, load_examples
 from .evaluate import evaluate
 from .hub import DEFAULT_POPULATION, lorahub
@@ -272,22 +279,12 @@ def inspect_adapter(folder: Path) -> dict[str, Any]:
     }
 
 
-def _read_json(file: Path) -> dict[str, Any]:
-    try:
-        d = json.loads(file.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise AdapterError(f"{file}: not valid JSON ({e})") from e
-    if not isinstance(d, dict):
-        raise AdapterError(f"{file}: expected a JSON object")
-    return d
-
-
 def inspect_full_model(folder: Path) -> dict[str, Any]:
     """A full fine-tuning folder: config.json + model.safetensors (or shards); only file headers are read."""
-    config = _read_json(folder / "config.json")
+    config = read_json_object(folder / "config.json")
     index = folder / "model.safetensors.index.json"
     if index.is_file():
-        names = sorted(set(_read_json(index).get("weight_map", {}).values()))
+        names = sorted(set(read_json_object(index).get("weight_map", {}).values()))
         files = [folder / n for n in names]
     else:
         files = [folder / "model.safetensors"]

@@ -98,17 +98,22 @@ def resolve_adapter_dir(path_or_id: str | os.PathLike) -> Path:
     return Path(local)
 
 
-def read_config(folder: Path) -> AdapterConfig:
-    file = folder / CONFIG_NAME
-    if not file.is_file():
-        raise AdapterError(f"{folder}: no {CONFIG_NAME}")
+def read_json_object(file: Path) -> dict:
+    """A JSON file holding one object; errors name the file."""
     try:
         d = json.loads(file.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise AdapterError(f"{file}: not valid JSON ({e})") from e
     if not isinstance(d, dict):
         raise AdapterError(f"{file}: expected a JSON object")
-    return config_from_dict(d, str(file))
+    return d
+
+
+def read_config(folder: Path) -> AdapterConfig:
+    file = folder / CONFIG_NAME
+    if not file.is_file():
+        raise AdapterError(f"{folder}: no {CONFIG_NAME}")
+    return config_from_dict(read_json_object(file), str(file))
 
 
 def read_tensors(folder: Path) -> dict[str, torch.Tensor]:
