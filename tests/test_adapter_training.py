@@ -32,15 +32,6 @@ SETUPS = {
 }
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models gain nothing from intra-op threads and lose much to them when the cores are shared."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def test_every_registered_type_has_a_setup():
     assert set(SETUPS) == set(ADAPTER_TYPES)
 

@@ -29,15 +29,6 @@ LLAMA_ALL = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "do
 BERT_ALL = ["query", "key", "value", "dense"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models gain nothing from intra-op threads and lose much to them when the cores are shared."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def no_dropout(model: nn.Module) -> nn.Module:
     """Tiny models learn a toy task in a few dozen steps only without dropout noise."""
     for m in model.modules():
