@@ -248,7 +248,7 @@ def test_spectrum_of_wrong_length_is_refused_and_model_left_alone(tmp_path):
 
 @pytest.mark.parametrize(
     "kwargs, field",
-    [({"n_frequency": 0}, "n_frequency"), ({"n_frequency_pattern": {"q": -1}}, "'q'"), ({"bias": "all"}, "bias")],
+    [({"n_frequency": 0}, "n_frequency"), ({"n_frequency_pattern": {"q": -1}}, "'q'"), ({"bias": "everything"}, "bias")],
 )
 def test_bad_config_names_the_field(kwargs, field):
     with pytest.raises(ll.AdapterError, match=field):

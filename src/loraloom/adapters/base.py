@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import re
+import warnings
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -23,51 +24,122 @@ class AdapterError(ValueError):
     """Bad adapter input: a config field, a file, a layer or a shape that does not fit."""
 
 
+# PeftConfig fields every adapter_config.json may carry that change nothing loraloom computes. They are
+# read and dropped on purpose (each with the reason), so that no field is ever dropped silently.
+PEFT_METADATA_FIELDS: dict[str, str] = {
+    "peft_version": "the PEFT version that wrote the file",
+    "inference_mode": "PEFT's trainable flag; loraloom's train() decides what trains",
+    "runtime_config": "PEFT runtime options, never saved by PEFT",
+}
+
+
+def is_unset(value: Any) -> bool:
+    """True for the values PEFT writes for a feature that is off: None, False, "" and empty containers."""
+    return value is None or value is False or (isinstance(value, (str, list, tuple, dict, set)) and len(value) == 0)
+
+
 @dataclass
 class AdapterConfig:
-    """Fields common to every adapter type, named as in PEFT's ``adapter_config.json``."""
+    """Fields common to every adapter type, named as in PEFT's ``adapter_config.json``.
+
+    A config is a value: ``add_adapter`` never changes the one it is given; the model keeps its own
+    resolved copy (targets, task type, base name filled in), and that copy is what ``save_adapter`` writes.
+    """
 
     peft_type: ClassVar[str] = ""
-    # Matched against each module's dotted path: a list matches on the path's suffix, a string is a
-    # regex that must match the whole path (PEFT's rule). None picks the model type's default.
+    # The base layer types this adapter type can wrap (target_modules naming another type is an error).
+    layer_types: ClassVar[tuple[type[nn.Module], ...]] = ADAPTABLE_LAYERS
+    # PEFT fields of this type that loraloom cannot honour, with the reason: a file that sets one (to
+    # anything but PEFT's "off" value) is refused by name before any weight is touched.
+    refused_fields: ClassVar[dict[str, str]] = {}
+    # PEFT fields of this type that have no effect on what loraloom computes (besides PEFT_METADATA_FIELDS).
+    ignored_fields: ClassVar[dict[str, str]] = {}
+
+    # Matched against each module's dotted path: a list matches a whole path or its suffix after a ".", a
+    # string is a regex that must match the whole path (PEFT's rule). None picks the model type's default.
     target_modules: list[str] | str | None = None
+    # Same rule; a module matched here is never adapted, even when target_modules matches it.
+    exclude_modules: list[str] | str | None = None
     # Modules trained fully and saved beside the adapter (e.g. a classifier head).
     modules_to_save: list[str] | None = None
     task_type: str | None = None
     base_model_name_or_path: str | None = None
+    revision: str | None = None  # of the base model; kept and saved as given
+    # PEFT writes {"base_model_class": ..., "parent_library": ...} when task_type is None: it names the
+    # model class the adapter was trained on (loraloom reads the task from it).
+    auto_mapping: dict[str, Any] | None = None
+    # Conv1D layers (GPT-2) store their weight transposed; add_adapter sets this from the layers it adapts.
     fan_in_fan_out: bool = False
+
+    def __post_init__(self) -> None:
+        for name in ("target_modules", "exclude_modules", "modules_to_save"):
+            value = getattr(self, name)
+            if isinstance(value, (set, tuple)):
+                setattr(self, name, sorted(value))
+        if isinstance(self.modules_to_save, list):  # PEFT writes [classifier, score, classifier, score] at times
+            self.modules_to_save = list(dict.fromkeys(self.modules_to_save))
 
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
         d["peft_type"] = self.peft_type
-        if isinstance(d.get("target_modules"), set):
-            d["target_modules"] = sorted(d["target_modules"])
         return d
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> AdapterConfig:
-        """Build from a PEFT config dict; keys this type does not know are ignored (newer PEFT)."""
+    def from_dict(cls, d: dict[str, Any], source: str = "adapter config") -> AdapterConfig:
+        """Build from a PEFT config dict; ``source`` (the file) is named in every error.
+
+        Every key is accounted for: a field of this type is kept; a PEFT field loraloom cannot honour is
+        refused by name if set; metadata and fields without effect are dropped on purpose; any other key
+        (a newer PEFT's, a hand-written one) is dropped with a warning if it holds a value.
+        """
         names = {f.name for f in dataclasses.fields(cls)}
         kwargs = {k: v for k, v in d.items() if k in names}
-        if isinstance(kwargs.get("target_modules"), (set, tuple)):
-            kwargs["target_modules"] = sorted(kwargs["target_modules"])
-        return cls(**kwargs)
+        for key, value in d.items():
+            if key in names or key == "peft_type" or key in PEFT_METADATA_FIELDS or key in cls.ignored_fields:
+                continue
+            if key in cls.refused_fields:
+                if not is_unset(value):
+                    shown = repr(value) if len(repr(value)) <= 60 else repr(value)[:57] + "..."
+                    raise AdapterError(
+                        f"{source}: field {key!r} = {shown} is not supported by loraloom ({cls.refused_fields[key]})"
+                    )
+                continue
+            if not is_unset(value):
+                warnings.warn(
+                    f"{source}: field {key!r} is not a field of PEFT's {cls.__name__} that loraloom knows; ignored",
+                    stacklevel=2,
+                )
+        try:
+            return cls(**kwargs)
+        except AdapterError as e:
+            raise AdapterError(f"{source}: {e}") from e
+        except (TypeError, ValueError) as e:
+            raise AdapterError(f"{source}: {e}") from e
 
     def fill_model_defaults(self, model_type: str | None) -> None:
-        """Fill fields left unset whose PEFT default depends on the model type (PEFT's per-type tables).
+        """Fill fields left unset whose PEFT default depends on the model type (each type's own table).
 
-        Called by ``add_adapter`` before LoRA's default targets apply; types with other defaults override it.
+        ``add_adapter`` calls it on its private copy of the config, never on the caller's.
         """
 
     def make_layer(self, name: str, base_layer: nn.Module) -> AdapterLayer:
         raise NotImplementedError
 
+    def prepare_loaded(self, layer: AdapterLayer) -> None:
+        """Called for each layer after saved weights are loaded into it: what PEFT does to the base at load
+        time for this config (LoRA's PiSSA/OLoRA re-derive the residual base weight). Nothing by default."""
+
 
 def layer_dims(base_layer: nn.Module) -> tuple[int, int]:
-    """(d_in, d_out) of a Linear or a Conv1D (whose weight is stored d_in x d_out)."""
+    """(d_in, d_out) of a Linear or a Conv1D (whose weight is stored d_in x d_out); for a Conv2d its
+    channels, for an Embedding (vocabulary, embedding size), as PEFT counts them."""
     if isinstance(base_layer, Conv1D):
         d_in, d_out = base_layer.weight.shape
         return d_in, d_out
+    if isinstance(base_layer, nn.Conv2d):
+        return base_layer.in_channels, base_layer.out_channels
+    if isinstance(base_layer, nn.Embedding):
+        return base_layer.num_embeddings, base_layer.embedding_dim
     return base_layer.in_features, base_layer.out_features
 
 
@@ -80,11 +152,14 @@ class AdapterLayer(nn.Module):
 
     # Names of this type's own parameters, as they appear in PEFT's saved keys.
     adapter_param_names: ClassVar[tuple[str, ...]] = ()
+    # The base layer types this layer class can wrap (LoRA adds nn.Conv2d and nn.Embedding).
+    supported_layers: ClassVar[tuple[type[nn.Module], ...]] = ADAPTABLE_LAYERS
 
     def __init__(self, base_layer: nn.Module) -> None:
         super().__init__()
-        if not isinstance(base_layer, ADAPTABLE_LAYERS):
-            raise AdapterError(f"cannot adapt {type(base_layer).__name__}: only nn.Linear and Conv1D are supported")
+        if not isinstance(base_layer, self.supported_layers):
+            names = " and ".join(t.__name__ for t in self.supported_layers)
+            raise AdapterError(f"cannot adapt {type(base_layer).__name__} with {type(self).__name__}: only {names}")
         self.base_layer = base_layer
         self.in_features, self.out_features = layer_dims(base_layer)
         self.fan_in_fan_out = isinstance(base_layer, Conv1D)
@@ -107,6 +182,9 @@ class AdapterLayer(nn.Module):
             delta = delta.T
         w = self.base_layer.weight
         w.data += sign * delta.to(w.dtype)
+
+    def release(self) -> None:
+        """Undo whatever the layer did to its base layer beyond wrapping it; called when it is uninstalled."""
 
     def merge(self) -> None:
         if not self.merged:

@@ -19,13 +19,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from .base import AdapterConfig, AdapterError, AdapterLayer, pattern_value
-from .inject import DEFAULT_TARGETS
+from .lora import DEFAULT_LORA_TARGETS
 
 # Elements of one gathered spectrum plane in the coefficient gradient (see spectrum_grad).
 GRAD_CHUNK_ELEMENTS = 1 << 18
 
 # PEFT's FourierFT targets are LoRA's, but for GPT-2 (whose attention is one fused c_attn).
-DEFAULT_FOURIERFT_TARGETS = {**DEFAULT_TARGETS, "gpt2": ["mlp.c_proj"], "gpt_bigcode": ["mlp.c_proj"]}
+DEFAULT_FOURIERFT_TARGETS = {**DEFAULT_LORA_TARGETS, "gpt2": ["mlp.c_proj"], "gpt_bigcode": ["mlp.c_proj"]}
 
 
 @dataclass
@@ -37,16 +37,22 @@ class FourierFTConfig(AdapterConfig):
     # False (PEFT's default): coefficients start as randn(n), so the adapter is not the identity at step 0.
     init_weights: bool = False
     n_frequency_pattern: dict[str, int] = field(default_factory=dict)
+    # "none", "all" (every bias of the model trains and is saved) or "fourier_only" (the adapted layers').
     bias: str = "none"
+    layers_to_transform: list[int] | int | None = None
+    layers_pattern: list[str] | str | None = None
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         for name, n in [("n_frequency", self.n_frequency), *self.n_frequency_pattern.items()]:
             if not isinstance(n, int) or isinstance(n, bool) or n < 1:
                 raise AdapterError(f"FourierFTConfig: n_frequency for {name!r} must be a positive integer, got {n!r}")
         if not isinstance(self.random_loc_seed, int):
             raise AdapterError(f"FourierFTConfig.random_loc_seed must be an integer, got {self.random_loc_seed!r}")
-        if self.bias != "none":
-            raise AdapterError(f"FourierFTConfig.bias={self.bias!r} is not supported; only 'none'")
+        if self.bias not in ("none", "all", "fourier_only"):
+            raise AdapterError(f"FourierFTConfig.bias must be 'none', 'all' or 'fourier_only', got {self.bias!r}")
+        if isinstance(self.target_modules, str) and (self.layers_to_transform is not None or self.layers_pattern):
+            raise AdapterError("FourierFTConfig.layers_to_transform / layers_pattern need a list target_modules")
 
     def fill_model_defaults(self, model_type: str | None) -> None:
         if not self.target_modules and model_type in DEFAULT_FOURIERFT_TARGETS:
@@ -55,6 +61,42 @@ class FourierFTConfig(AdapterConfig):
     def make_layer(self, name: str, base_layer: nn.Module) -> FourierFTLayer:
         n = pattern_value(self.n_frequency_pattern, name, self.n_frequency)
         return FourierFTLayer(base_layer, n, self.scaling, self.random_loc_seed, self.init_weights, name=name)
+
+
+class TrackedParameter(nn.Parameter):
+    """An ``nn.Parameter`` that counts reads and writes of ``.data``.
+
+    In-place writes through ``p.data`` (``p.data += x``, ``p.data.copy_(y)``, ``p.data = t``) do not bump
+    ``p._version``, so a cache keyed on the version alone would go stale; any access to ``.data`` bumps
+    this counter instead (a read only costs a rebuild of the cache). FourierFT layers put their base
+    weight and their coefficients in this class while installed, and give the base weight back as a plain
+    ``nn.Parameter`` when removed.
+    """
+
+    @property
+    def data(self) -> torch.Tensor:
+        self.__dict__[DATA_EPOCH] = self.__dict__.get(DATA_EPOCH, 0) + 1
+        return nn.Parameter.data.__get__(self)
+
+    @data.setter
+    def data(self, value: torch.Tensor) -> None:
+        self.__dict__[DATA_EPOCH] = self.__dict__.get(DATA_EPOCH, 0) + 1
+        nn.Parameter.data.__set__(self, value)
+
+
+DATA_EPOCH = "_loraloom_data_epoch"
+
+
+def track_data_writes(p: torch.Tensor) -> bool:
+    """Make ``p`` a TrackedParameter in place; False if it cannot be (not a plain nn.Parameter)."""
+    if type(p) is nn.Parameter:
+        p.__class__ = TrackedParameter
+    return type(p) is TrackedParameter
+
+
+def change_key(p: torch.Tensor) -> tuple:
+    """Changes whenever ``p``'s values can have changed: object, storage, version counter, .data accesses."""
+    return (id(p), p.data_ptr(), p._version, p.__dict__.get(DATA_EPOCH, 0), p.dtype, p.device)
 
 
 @functools.lru_cache(maxsize=32)
@@ -151,7 +193,9 @@ class FourierFTLayer(AdapterLayer):
         }
         for key, t in buffers.items():
             self.register_buffer(key, t.to(w.device), persistent=False)
-        self._cache: tuple | None = None  # (key, spectrum copy, W + ΔW)
+        track_data_writes(self.fourierft_spectrum)
+        track_data_writes(base_layer.weight)
+        self._cache: tuple | None = None  # (key, W + ΔW)
 
     def delta_weight(self) -> torch.Tensor:
         """scaling · Re(ifft2(S)) in the nn.Linear layout (d_out x d_in), fp32, differentiable."""
@@ -181,16 +225,31 @@ class FourierFTLayer(AdapterLayer):
     def cached_weight(self) -> torch.Tensor:
         """W + ΔW (nn.Linear layout, W's dtype, summed in fp32), rebuilt only when the spectrum or W changed.
 
-        No autograd graph: _FourierFTLinear supplies the gradient."""
-        spectrum, w = self.fourierft_spectrum, self.base_layer.weight
-        # The spectrum is compared by value (n numbers), which also catches edits through `.data`;
-        # the base weight by storage and version (merge/unmerge drop the cache themselves).
-        key = (w.data_ptr(), w._version, w.dtype, spectrum.device, spectrum.dtype)
-        if self._cache is None or self._cache[0] != key or not torch.equal(self._cache[1], spectrum):
+        No autograd graph: _FourierFTLinear supplies the gradient. Both tensors are keyed on what changes
+        with every edit a user can make through torch: the object, its storage, its version counter
+        (in-place ops, optimizer steps, load_state_dict) and, through TrackedParameter, any use of
+        ``.data``. Not seen: writes from outside torch into the same memory (a NumPy view from
+        ``.numpy()``, a ctypes pointer), or a base weight replaced by a tensor subclass other than
+        nn.Parameter after the layer was built; call ``clear_cache()`` after such writes.
+        """
+        w, spectrum = self.base_layer.weight, self.fourierft_spectrum
+        if type(w) is nn.Parameter:  # the weight was replaced by a new Parameter: track that one
+            track_data_writes(w)
+        key = (change_key(w), change_key(spectrum))
+        if self._cache is None or self._cache[0] != key:
             with torch.no_grad():
-                weight = (self.base_weight().float() + self.delta_weight()).to(w.dtype)
-                self._cache = (key, spectrum.detach().clone(), weight)
-        return self._cache[2]
+                self._cache = (key, (self.base_weight().float() + self.delta_weight()).to(w.dtype))
+        return self._cache[1]
+
+    def clear_cache(self) -> None:
+        """Drop W + ΔW; the next no-grad forward rebuilds it (for writes the cache cannot see)."""
+        self._cache = None
+
+    def release(self) -> None:
+        self._cache = None
+        w = self.base_layer.weight
+        if type(w) is TrackedParameter:
+            w.__class__ = nn.Parameter
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.merged:

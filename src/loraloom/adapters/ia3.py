@@ -58,6 +58,7 @@ class IA3Config(AdapterConfig):
     init_ia3_weights: bool = True
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         if isinstance(self.feedforward_modules, (set, tuple)):
             self.feedforward_modules = sorted(self.feedforward_modules)
         both_lists = isinstance(self.feedforward_modules, list) and isinstance(self.target_modules, list)

@@ -1,40 +1,21 @@
 """Put adapter layers into a model and take them out again.
 
-Find the target modules, swap each for its adapter layer, freeze everything else (but
-``modules_to_save``), and undo it all on merge_and_unload. Adapter-type agnostic: the config's
-``make_layer`` builds the layer.
+``add_adapter`` resolves a private copy of the config for the model (targets, task type, base name),
+finds the target modules by PEFT's rules, builds each adapter layer with the config's ``make_layer``,
+installs them with ``install_layers``, and freezes everything else (but ``modules_to_save`` and the
+biases ``bias`` names). ``remove_adapter`` undoes it with ``uninstall_layers``. Adapter-type agnostic.
 """
 
 from __future__ import annotations
 
+import copy
 import re
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 
 import torch
 from torch import nn
 
 from .base import ADAPTABLE_LAYERS, AdapterConfig, AdapterError, AdapterLayer
-
-# Default LoRA targets per `model.config.model_type`, as in PEFT.
-DEFAULT_TARGETS: dict[str, list[str]] = {
-    "t5": ["q", "v"],
-    "mt5": ["q", "v"],
-    "umt5": ["q", "v"],
-    "bart": ["q_proj", "v_proj"],
-    "mbart": ["q_proj", "v_proj"],
-    "llama": ["q_proj", "v_proj"],
-    "mistral": ["q_proj", "v_proj"],
-    "qwen2": ["q_proj", "v_proj"],
-    "qwen3": ["q_proj", "v_proj"],
-    "gemma": ["q_proj", "v_proj"],
-    "gemma2": ["q_proj", "v_proj"],
-    "opt": ["q_proj", "v_proj"],
-    "gpt2": ["c_attn"],
-    "bert": ["query", "value"],
-    "roberta": ["query", "value"],
-    "xlm-roberta": ["query", "value"],
-    "distilbert": ["q_lin", "v_lin"],
-}
 
 # Heads trained in full for sequence classification (PEFT adds the same for task_type SEQ_CLS).
 CLASSIFIER_HEADS = ("classifier", "score")
@@ -42,14 +23,20 @@ CLASSIFIER_HEADS = ("classifier", "score")
 # The attribute that marks a model as carrying a loraloom adapter and holds its config.
 CONFIG_ATTR = "loraloom_config"
 
+# PEFT's shorthand for every linear layer but the output head.
+ALL_LINEAR = "all-linear"
 
-def adaptable_layer_names(model: nn.Module) -> list[str]:
-    return [name for name, m in model.named_modules() if isinstance(m, ADAPTABLE_LAYERS)]
+
+def adaptable_layer_names(model: nn.Module, layer_types: tuple[type[nn.Module], ...] = ADAPTABLE_LAYERS) -> list[str]:
+    return [name for name, m in model.named_modules() if isinstance(m, layer_types)]
 
 
 def task_type_of(model: nn.Module) -> str | None:
     """PEFT's task_type for a transformers model class, from its name."""
-    cls = type(model).__name__
+    return task_type_of_class(type(model).__name__)
+
+
+def task_type_of_class(cls: str) -> str | None:
     if cls.endswith("ForSequenceClassification"):
         return "SEQ_CLS"
     if cls.endswith("ForConditionalGeneration") or cls.endswith("ForSeq2SeqLM"):
@@ -61,22 +48,41 @@ def task_type_of(model: nn.Module) -> str | None:
     return None
 
 
-def resolve_targets(model: nn.Module, target_modules: list[str] | str | None) -> list[str] | str:
-    if target_modules:
-        return target_modules
-    model_type = getattr(getattr(model, "config", None), "model_type", None)
-    if model_type not in DEFAULT_TARGETS:
-        raise AdapterError(
-            f"no default target_modules for model type {model_type!r}; pass target_modules=[...] "
-            f"(adaptable layers: {_summarise(adaptable_layer_names(model))})"
-        )
-    return list(DEFAULT_TARGETS[model_type])
+# ---- which modules: PEFT's matching rules ------------------------------------------------------
 
 
-def matches(target_modules: list[str] | str, module_name: str) -> bool:
-    if isinstance(target_modules, str):
-        return re.fullmatch(target_modules, module_name) is not None
-    return any(module_name == t or module_name.endswith("." + t) for t in target_modules)
+def matches(patterns: list[str] | str, module_name: str) -> bool:
+    """PEFT's rule: a string is a regex for the whole path; a list matches a whole path or a "."-suffix."""
+    if isinstance(patterns, str):
+        return re.fullmatch(patterns, module_name) is not None
+    return any(module_name == p or module_name.endswith("." + p) for p in patterns)
+
+
+def layer_index(module_name: str, layers_pattern: list[str] | str | None) -> int | None:
+    """The layer number in a module path, as PEFT reads it: the first number after one of
+    ``layers_pattern`` (e.g. "layers", "h"), or without a pattern the first ``<name>.<number>.``."""
+    if not layers_pattern:
+        match = re.match(r".*?\.[^.]*\.(?P<idx>\d+)\.", module_name)
+    else:
+        patterns = [layers_pattern] if isinstance(layers_pattern, str) else layers_pattern
+        match = next((m for p in patterns if (m := re.match(rf"(?:^|.*?\.){p}\.(?P<idx>\d+)\.", module_name))), None)
+    return int(match["idx"]) if match else None
+
+
+def is_target(config: AdapterConfig, module_name: str) -> bool:
+    """Whether ``module_name`` is adapted under ``config`` (PEFT's check_target_module_exists)."""
+    if config.exclude_modules and matches(config.exclude_modules, module_name):
+        return False
+    # A module trained in full (or inside one) never carries an adapter too.
+    if any(re.match(rf"(^|.*\.){re.escape(m)}($|\..*)", module_name) for m in config.modules_to_save or []):
+        return False
+    if not matches(config.target_modules or [], module_name):
+        return False
+    wanted = getattr(config, "layers_to_transform", None)
+    if wanted is None or (isinstance(wanted, list) and not wanted) or isinstance(config.target_modules, str):
+        return True
+    index = layer_index(module_name, getattr(config, "layers_pattern", None))
+    return index is not None and (index == wanted if isinstance(wanted, int) else index in wanted)
 
 
 def _summarise(names: list[str], limit: int = 12) -> str:
@@ -86,32 +92,135 @@ def _summarise(names: list[str], limit: int = 12) -> str:
     return shown + (f", ... ({len(unique) - limit} more)" if len(unique) > limit else "")
 
 
-def find_targets(model: nn.Module, target_modules: list[str] | str) -> list[str]:
-    """Names of the modules to adapt; a clear error if none, or if one is not a linear layer."""
+def find_targets(
+    model: nn.Module,
+    targets: AdapterConfig | list[str] | str,
+    layer_types: tuple[type[nn.Module], ...] | None = None,
+) -> list[str]:
+    """Names of the modules to adapt; a clear error if none, or if a named one cannot be adapted.
+
+    ``targets`` is a resolved config (every PEFT matching rule applies) or just target_modules.
+    """
+    config = targets if isinstance(targets, AdapterConfig) else AdapterConfig(target_modules=targets)
+    layer_types = layer_types or config.layer_types
     names = []
     for name, module in model.named_modules():
-        if not name or not matches(target_modules, name):
+        if not name or not is_target(config, name):
             continue
         if isinstance(module, AdapterLayer):
             raise AdapterError(f"layer {name!r} already carries an adapter; merge_and_unload first")
-        if not isinstance(module, ADAPTABLE_LAYERS):
-            if isinstance(target_modules, str):
+        if not isinstance(module, layer_types):
+            if isinstance(config.target_modules, str):
                 continue  # a regex may also match containers; PEFT skips those too
-            raise AdapterError(
-                f"target module {name!r} is a {type(module).__name__}; only nn.Linear and Conv1D can be adapted"
-            )
+            kinds = ", ".join(t.__name__ for t in layer_types)
+            raise AdapterError(f"target module {name!r} is a {type(module).__name__}; only {kinds} can be adapted")
         names.append(name)
     if not names:
         raise AdapterError(
-            f"target_modules {target_modules!r} matched no layer of {type(model).__name__}; "
-            f"linear layers in this model: {_summarise(adaptable_layer_names(model))}"
+            f"target_modules {config.target_modules!r} matched no layer of {type(model).__name__}"
+            + (f" (exclude_modules {config.exclude_modules!r})" if config.exclude_modules else "")
+            + (
+                f" (layers_to_transform {config.layers_to_transform!r})"
+                if getattr(config, "layers_to_transform", None) is not None
+                else ""
+            )
+            + f"; adaptable layers in this model: {_summarise(adaptable_layer_names(model, layer_types))}"
         )
     return names
+
+
+def all_linear_names(model: nn.Module, task_type: str | None) -> list[str]:
+    """PEFT's "all-linear": every nn.Linear / Conv1D but the output head (the classifier for SEQ_CLS)."""
+    names = adaptable_layer_names(model)
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    if head is None and task_type == "SEQ_CLS":
+        head = next((getattr(model, h) for h in CLASSIFIER_HEADS if getattr(model, h, None) is not None), None)
+    if head is not None:
+        names = [n for n in names if model.get_submodule(n) is not head]
+    return names
+
+
+def resolve_config(model: nn.Module, config: AdapterConfig) -> AdapterConfig:
+    """The config ``model`` keeps: a deep copy of ``config`` with the model-dependent fields filled in
+    (default targets, "all-linear" expanded, task type, base name, classifier heads for SEQ_CLS).
+    ``config`` itself is never changed."""
+    resolved = copy.deepcopy(config)
+    model_config = getattr(model, "config", None)
+    model_type = getattr(model_config, "model_type", None)
+    resolved.fill_model_defaults(model_type)
+    if not resolved.target_modules:
+        raise AdapterError(
+            f"no default target_modules for model type {model_type!r}; pass target_modules=[...] "
+            f"(adaptable layers: {_summarise(adaptable_layer_names(model, resolved.layer_types))})"
+        )
+    if resolved.task_type is None:
+        resolved.task_type = task_type_of(model)
+    if isinstance(resolved.target_modules, str) and resolved.target_modules.lower() == ALL_LINEAR:
+        resolved.target_modules = all_linear_names(model, resolved.task_type)
+    if resolved.base_model_name_or_path is None:
+        resolved.base_model_name_or_path = getattr(model_config, "_name_or_path", None) or None
+    if resolved.task_type == "SEQ_CLS":  # PEFT adds (and saves) both head names
+        resolved.modules_to_save = list(dict.fromkeys([*(resolved.modules_to_save or []), *CLASSIFIER_HEADS]))
+    return resolved
+
+
+def modules_to_save_of(model: nn.Module, config: AdapterConfig) -> list[str]:
+    """Names of the modules trained in full: those ``config.modules_to_save`` names (a path or a "."-suffix)."""
+    wanted = list(config.modules_to_save or [])
+    names = [n for n, _ in model.named_modules() if n and matches(wanted, n)]
+    # PEFT writes both head names for SEQ_CLS; only a head that no model has may be absent.
+    missing = [w for w in wanted if w not in CLASSIFIER_HEADS and not any(matches([w], n) for n in names)]
+    if missing:
+        params = [w for w in missing if any(matches([w], n) for n, _ in model.named_parameters())]
+        what = f" ({', '.join(params)}: a parameter, not a module; PEFT saves modules only)" if params else ""
+        raise AdapterError(f"modules_to_save {missing} not found in {type(model).__name__}{what}")
+    # A module inside another one listed is saved with it.
+    return [n for n in names if not any(n.startswith(other + ".") for other in names)]
+
+
+def trainable_biases(model: nn.Module, config: AdapterConfig) -> list[str]:
+    """Names of the bias parameters that train and are saved with the adapter: PEFT's ``bias`` option
+    ("all": every bias in the model; "<type>_only", e.g. "lora_only": those of the adapted layers)."""
+    bias = getattr(config, "bias", "none")
+    if bias == "none":
+        return []
+    if bias == "all":
+        return [n for n, _ in model.named_parameters() if n == "bias" or n.endswith(".bias")]
+    return [f"{name}.base_layer.bias" for name, layer in adapter_layers(model) if layer.base_layer.bias is not None]
+
+
+# ---- one install / uninstall path ------------------------------------------------------------
 
 
 def set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
     parent_name, _, child = name.rpartition(".")
     setattr(model.get_submodule(parent_name) if parent_name else model, child, module)
+
+
+def install_layers(model: nn.Module, layers: dict[str, AdapterLayer]) -> None:
+    """Swap each named base layer of ``model`` for its adapter layer (whose ``base_layer`` it must be).
+
+    All checks run first: a layer that already carries an adapter is an error and nothing is swapped.
+    The one install path of loraloom: add_adapter, load_adapter and compositions use it.
+    """
+    for name, layer in layers.items():
+        current = model.get_submodule(name)
+        if isinstance(current, AdapterLayer):
+            raise AdapterError(f"layer {name!r} already carries an adapter; merge_and_unload it first")
+        if layer.base_layer is not current:
+            raise AdapterError(f"layer {name!r}: the adapter layer was built for another module")
+    for name, layer in layers.items():
+        set_submodule(model, name, layer)
+
+
+def uninstall_layers(model: nn.Module, names: Iterable[str] | None = None) -> None:
+    """Put the base layer back in place of each named adapter layer (every adapter layer if ``names`` is
+    None); merged deltas stay in the base weights. Names that hold no adapter layer are skipped."""
+    wanted = None if names is None else set(names)
+    for name, layer in list(adapter_layers(model)):
+        if wanted is None or name in wanted:
+            set_submodule(model, name, layer.base_layer)
+            layer.release()
 
 
 def adapter_layers(model: nn.Module) -> Iterator[tuple[str, AdapterLayer]]:
@@ -120,44 +229,27 @@ def adapter_layers(model: nn.Module) -> Iterator[tuple[str, AdapterLayer]]:
             yield name, module
 
 
-def modules_to_save_of(model: nn.Module, config: AdapterConfig) -> list[str]:
-    """Names of the modules trained in full: the config's, plus the classifier head for SEQ_CLS."""
-    wanted = list(config.modules_to_save or [])
-    if config.task_type == "SEQ_CLS":
-        wanted += [h for h in CLASSIFIER_HEADS if h not in wanted]
-    names = [n for n, _ in model.named_modules() if n and any(n == w or n.endswith("." + w) for w in wanted)]
-    # PEFT writes both head names for SEQ_CLS; only a head that no model has may be absent.
-    missing = [
-        w
-        for w in config.modules_to_save or []
-        if w not in CLASSIFIER_HEADS and not any(n == w or n.endswith("." + w) for n in names)
-    ]
-    if missing:
-        raise AdapterError(f"modules_to_save {missing} not found in {type(model).__name__}")
-    return names
+# ---- add / remove ----------------------------------------------------------------------------
 
 
-def add_adapter(model: nn.Module, config: AdapterConfig, *, verbose: bool = True) -> nn.Module:
+def add_adapter(model: nn.Module, config: AdapterConfig, *, verbose: bool = True, init: bool = True) -> nn.Module:
     """Wrap the target layers of ``model`` (in place) with adapter layers and freeze the rest.
 
-    Returns the same model object, now carrying ``model.loraloom_config``.
+    ``config`` is not changed: the model keeps a resolved copy (``get_config(model)``), which is what
+    ``save_adapter`` writes. With ``init=False`` the layers get no initialisation beyond zeros and the base
+    weights are left alone (their weights are loaded right after: ``load_adapter`` does this).
+    Returns the same model object.
     """
     if getattr(model, CONFIG_ATTR, None) is not None:
         raise AdapterError("model already carries a loraloom adapter; merge_and_unload it first")
-    config.fill_model_defaults(getattr(getattr(model, "config", None), "model_type", None))
-    config.target_modules = resolve_targets(model, config.target_modules)
-    if config.task_type is None:
-        config.task_type = task_type_of(model)
-    if config.base_model_name_or_path is None:
-        config.base_model_name_or_path = getattr(getattr(model, "config", None), "_name_or_path", None) or None
-    names = find_targets(model, config.target_modules)
-    save_names = modules_to_save_of(model, config)
-
-    layers = {name: config.make_layer(name, model.get_submodule(name)) for name in names}
+    resolved = resolve_config(model, config)
+    names = find_targets(model, resolved)
+    save_names = modules_to_save_of(model, resolved)
+    make = resolved.make_layer if init else getattr(resolved, "make_empty_layer", resolved.make_layer)
+    layers = {name: make(name, model.get_submodule(name)) for name in names}
     # PEFT records Conv1D targets (GPT-2) as fan_in_fan_out=True and warns otherwise.
-    config.fan_in_fan_out = any(layer.fan_in_fan_out for layer in layers.values())
-    for name, layer in layers.items():
-        set_submodule(model, name, layer)
+    resolved.fan_in_fan_out = any(layer.fan_in_fan_out for layer in layers.values())
+    install_layers(model, layers)
     for p in model.parameters():
         p.requires_grad_(False)
     for layer in layers.values():
@@ -165,17 +257,20 @@ def add_adapter(model: nn.Module, config: AdapterConfig, *, verbose: bool = True
             getattr(layer, pname).requires_grad_(True)
     for name in save_names:
         model.get_submodule(name).requires_grad_(True)
-    setattr(model, CONFIG_ATTR, config)
+    for name in trainable_biases(model, resolved):
+        model.get_parameter(name).requires_grad_(True)
+    setattr(model, CONFIG_ATTR, resolved)
     if verbose:
         trainable, total = count_parameters(model)
         print(
-            f"loraloom: {config.peft_type} on {len(names)} layers | trainable params: {trainable:,} "
+            f"loraloom: {resolved.peft_type} on {len(names)} layers | trainable params: {trainable:,} "
             f"|| all params: {total:,} || trainable%: {100 * trainable / max(total, 1):.4f}"
         )
     return model
 
 
 def get_config(model: nn.Module) -> AdapterConfig:
+    """The model's own (resolved) adapter config."""
     config = getattr(model, CONFIG_ATTR, None)
     if config is None:
         raise AdapterError(f"{type(model).__name__} carries no loraloom adapter; call add_adapter or load_adapter")
@@ -208,8 +303,7 @@ def unmerge(model: nn.Module) -> nn.Module:
 
 def remove_adapter(model: nn.Module) -> nn.Module:
     """Put the base layers back, discarding any unmerged adapter (merged deltas stay in the weights)."""
-    for name, layer in list(adapter_layers(model)):
-        set_submodule(model, name, layer.base_layer)
+    uninstall_layers(model)
     if hasattr(model, CONFIG_ATTR):
         delattr(model, CONFIG_ATTR)
     return model

@@ -3,14 +3,18 @@
 Saved keys are ``base_model.model.<state-dict key>`` of the adapter parameters (whose names are
 PEFT's: ``lora_A.weight``, ``fourierft_spectrum``, ``ia3_l``) and of ``modules_to_save``. Adapter files
 are untrusted: safetensors, or a legacy ``adapter_model.bin`` through ``torch.load(weights_only=True)``;
-nothing is ever unpickled. Writes go to a temp file first and are renamed into place.
+nothing is ever unpickled. A folder is written whole into a temp folder beside it and swapped in
+(``atomic_folder``): a reader sees the old folder or the new one, never new weights beside an old config.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import shutil
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -19,7 +23,15 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from .base import AdapterConfig, AdapterError
-from .inject import CONFIG_ATTR, adapter_layers, add_adapter, get_config, modules_to_save_of, remove_adapter
+from .inject import (
+    CONFIG_ATTR,
+    adapter_layers,
+    add_adapter,
+    get_config,
+    modules_to_save_of,
+    remove_adapter,
+    trainable_biases,
+)
 from .registry import config_from_dict
 
 CONFIG_NAME = "adapter_config.json"
@@ -45,13 +57,48 @@ def atomic_write(path: str | os.PathLike, write) -> None:
         raise
 
 
+@contextlib.contextmanager
+def atomic_folder(path: str | os.PathLike) -> Iterator[Path]:
+    """Write a whole folder at once: yields a temp folder beside ``path`` to fill, then swaps it in.
+
+    On an exception the temp folder is deleted and ``path`` is left exactly as it was. On success,
+    entries of the old folder that the new one does not have are carried over (a folder may hold more
+    than what this save writes), the old folder is renamed aside, the new one renamed into place, and the
+    old one deleted. Each rename is atomic; a crash between the two leaves the old folder complete under
+    ``.<name>.old-*`` beside ``path``.
+    """
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise AdapterError(f"{path}: expected a folder to write into, found a file")
+    if path.resolve() in (Path.cwd().resolve(), Path(path.resolve().anchor)):
+        raise AdapterError(f"{path}: refusing to replace the current folder or a filesystem root; name a subfolder")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.tmp-"))
+    try:
+        yield tmp
+        if path.is_dir():
+            for entry in path.iterdir():
+                if not (tmp / entry.name).exists():
+                    os.rename(entry, tmp / entry.name)
+            old = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.old-"))
+            os.rename(path, old / path.name)
+            os.rename(tmp, path)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.rename(tmp, path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
 def write_adapter_folder(out_dir: str | os.PathLike, config: AdapterConfig, tensors: dict[str, torch.Tensor]) -> Path:
-    """Write a PEFT folder from a config and PEFT-keyed tensors (weights first, config last)."""
+    """Write a PEFT folder from a config and PEFT-keyed tensors, swapped in whole (``atomic_folder``)."""
     out = Path(out_dir)
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
-    atomic_write(out / WEIGHTS_NAME, lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
     text = json.dumps(config.to_dict(), indent=2, sort_keys=True) + "\n"
-    atomic_write(out / CONFIG_NAME, lambda tmp: Path(tmp).write_text(text))
+    with atomic_folder(out) as tmp:
+        save_file(tensors, tmp / WEIGHTS_NAME, metadata={"format": "pt"})
+        (tmp / CONFIG_NAME).write_text(text)
     return out
 
 
@@ -66,6 +113,8 @@ def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     for name in modules_to_save_of(model, config):
         for key, t in model.get_submodule(name).state_dict(keep_vars=True).items():
             out[f"{KEY_PREFIX}{name}.{key}"] = t
+    for name in trainable_biases(model, config):  # PEFT's bias="all" / "lora_only"
+        out[f"{KEY_PREFIX}{name}"] = model.get_parameter(name)
     return out
 
 
@@ -98,11 +147,22 @@ def resolve_adapter_dir(path_or_id: str | os.PathLike) -> Path:
     return Path(local)
 
 
+LFS_POINTER = "version https://git-lfs.github.com/spec/"
+
+
 def read_json_object(file: Path) -> dict:
-    """A JSON file holding one object; errors name the file."""
+    """A JSON file holding one object; errors name the file (and a Git LFS pointer as such)."""
     try:
-        d = json.loads(file.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        text = file.read_text()
+    except UnicodeDecodeError as e:
+        raise AdapterError(f"{file}: not valid JSON ({e})") from e
+    if text.startswith(LFS_POINTER):
+        raise AdapterError(
+            f"{file}: a Git LFS pointer, not the file itself (the repository was cloned without LFS: run `git lfs pull`)"
+        )
+    try:
+        d = json.loads(text)
+    except json.JSONDecodeError as e:
         raise AdapterError(f"{file}: not valid JSON ({e})") from e
     if not isinstance(d, dict):
         raise AdapterError(f"{file}: expected a JSON object")
@@ -152,10 +212,16 @@ def normalise_key(key: str) -> str:
     return key.replace(".default.", ".").replace(".modules_to_save.", ".")
 
 
+def normalise_keys(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """``normalise_key`` over a file's tensors, dropping PEFT's frozen copies of modules_to_save
+    (``.original_module.``, written beside the trained copy when bias="all")."""
+    return {normalise_key(k): v for k, v in tensors.items() if ".original_module." not in k}
+
+
 def load_state_into(model: nn.Module, tensors: dict[str, torch.Tensor], source: str) -> None:
     """Copy PEFT-keyed tensors into the model's adapter; every key and shape must match."""
     expected = adapter_state_dict(model)
-    given = {normalise_key(k): v for k, v in tensors.items()}
+    given = normalise_keys(tensors)
     missing = sorted(set(expected) - set(given))
     unexpected = sorted(set(given) - set(expected))
     if missing:
@@ -182,7 +248,7 @@ def load_state_into(model: nn.Module, tensors: dict[str, torch.Tensor], source: 
 def load_adapter(base_model: nn.Module, path_or_id: str | os.PathLike, *, verbose: bool = True) -> nn.Module:
     """Load a PEFT adapter folder (or hub id) into ``base_model``; the adapter type comes from peft_type.
 
-    On any error the base model is left as it was.
+    The whole config is checked before the model is touched; on any error the base model is left as it was.
     """
     config, tensors, folder = read_adapter(path_or_id)
     source = str(folder)
@@ -190,7 +256,7 @@ def load_adapter(base_model: nn.Module, path_or_id: str | os.PathLike, *, verbos
         raise AdapterError("model already carries a loraloom adapter; merge_and_unload it first")
     requires_grad = {name: p.requires_grad for name, p in base_model.named_parameters()}
     try:
-        add_adapter(base_model, config, verbose=False)
+        add_adapter(base_model, config, verbose=False, init=False)
         load_state_into(base_model, tensors, source)
     except AdapterError as e:
         remove_adapter(base_model)
@@ -199,6 +265,10 @@ def load_adapter(base_model: nn.Module, path_or_id: str | os.PathLike, *, verbos
         if str(e).startswith(source):
             raise
         raise AdapterError(f"{source}: {e}") from e
+    loaded = get_config(base_model)
+    with torch.no_grad():
+        for _, layer in adapter_layers(base_model):
+            loaded.prepare_loaded(layer)
     if verbose:
         print(f"loraloom: loaded {config.peft_type} adapter from {source}")
     return base_model
