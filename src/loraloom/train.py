@@ -10,8 +10,6 @@ from __future__ import annotations
 import contextlib
 import math
 import os
-import shutil
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,7 +21,7 @@ from tqdm.auto import tqdm
 
 from .adapters.base import AdapterConfig, AdapterError
 from .adapters.inject import CONFIG_ATTR, add_adapter, count_parameters, get_config, modules_to_save_of
-from .adapters.peft_format import save_adapter
+from .adapters.peft_format import atomic_folder, save_adapter
 from .adapters.registry import ADAPTER_TYPES
 from .data import (
     TASKS,
@@ -119,16 +117,11 @@ def lr_factor(step: int, total_steps: int, warmup_steps: int) -> float:
 
 
 def save_full_model(model: nn.Module, tokenizer: Any, out_dir: str | os.PathLike) -> Path:
-    """A normal transformers folder; every file is written beside it first and renamed into place."""
+    """A normal transformers folder, written whole into a temp folder beside it and swapped in."""
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=out_dir.parent, prefix=f".{out_dir.name}.") as tmp:
+    with atomic_folder(out_dir) as tmp:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
-        for f in Path(tmp).iterdir():
-            if f.is_dir():
-                shutil.rmtree(out_dir / f.name, ignore_errors=True)
-            os.replace(f, out_dir / f.name)
     return out_dir
 
 

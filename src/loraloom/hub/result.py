@@ -20,7 +20,7 @@ from typing import Any
 
 from torch import nn
 
-from ..adapters.peft_format import atomic_write, write_adapter_folder
+from ..adapters.peft_format import atomic_folder, write_adapter_folder
 from .bank import ModuleBank
 from .compose import Composition
 from .search import Evaluation
@@ -81,12 +81,13 @@ class LoraHubResult:
     def save(self, out_dir: str | os.PathLike, *, plot: bool = True) -> Path:
         """Write adapter/, weights.json, trace.csv and (if ``plot``) trace.png into ``out_dir``."""
         out = Path(out_dir)
-        self.save_adapter(out / ADAPTER_DIR)
         text = json.dumps(self.to_dict(), indent=2, default=str) + "\n"
-        atomic_write(out / WEIGHTS_FILE, lambda tmp: Path(tmp).write_text(text))
-        atomic_write(out / TRACE_CSV, lambda tmp: Path(tmp).write_text(trace_csv(self.trace, self.modules)))
-        if plot:
-            atomic_write(out / TRACE_PNG, lambda tmp: plot_trace(self, tmp))
+        with atomic_folder(out) as tmp:  # the files go in together: never new weights beside an old trace
+            self.save_adapter(tmp / ADAPTER_DIR)
+            (tmp / WEIGHTS_FILE).write_text(text)
+            (tmp / TRACE_CSV).write_text(trace_csv(self.trace, self.modules))
+            if plot:
+                plot_trace(self, tmp / TRACE_PNG)
         return out
 
 
