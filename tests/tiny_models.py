@@ -82,6 +82,50 @@ def tiny_bert_cls(seed: int = 0, num_labels: int = 3) -> BertForSequenceClassifi
 FACTORIES = {"t5": tiny_t5, "gpt2": tiny_gpt2, "llama": tiny_llama, "bert": tiny_bert_cls}
 
 
+def tiny_unet(seed: int = 0):
+    """A diffusers UNet2DConditionModel (SD's layout: cross-attention and resnet blocks) of ~0.4M parameters."""
+    from diffusers import UNet2DConditionModel  # imported here: only the image-model tests pay for it
+
+    torch.manual_seed(seed)
+    return UNet2DConditionModel(
+        sample_size=8,
+        in_channels=4,
+        out_channels=4,
+        block_out_channels=(32, 64),
+        layers_per_block=1,
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=32,
+        attention_head_dim=8,
+        norm_num_groups=32,
+    ).eval()
+
+
+def tiny_clip_text(seed: int = 0):
+    """A transformers CLIPTextModel (SD's text encoder) with hidden size 32, as the UNet's cross_attention_dim."""
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    torch.manual_seed(seed)
+    cfg = CLIPTextConfig(
+        vocab_size=VOCAB,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        max_position_embeddings=16,
+        bos_token_id=1,
+        eos_token_id=2,
+        pad_token_id=0,
+    )
+    return CLIPTextModel(cfg).eval()
+
+
+def unet_inputs(seed: int = 1) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(latents, timesteps, text embeddings) for ``tiny_unet``."""
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(2, 4, 8, 8, generator=g), torch.tensor([10, 500]), torch.randn(2, 5, 32, generator=g)
+
+
 def model_inputs(arch: str, seed: int = 1) -> dict[str, torch.Tensor]:
     g = torch.Generator().manual_seed(seed)
     ids = torch.randint(3, VOCAB, (2, 7), generator=g)

@@ -1,0 +1,188 @@
+"""kohya / A1111 single-file SD LoRA <-> PEFT folders, on a tiny diffusers UNet and CLIP text encoder."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+from test_diffusers_lora import clip_out, unet_out
+from tiny_models import tiny_clip_text, tiny_unet
+
+import loraloom as ll
+from loraloom.cli import main
+from loraloom.convert import kohya_to_peft, peft_to_kohya, read_kohya
+
+UNET_TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "conv1", "conv2", "conv_shortcut"]
+CLIP_TARGETS = ["q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2"]
+
+
+def models():
+    return {"unet": tiny_unet(), "text_encoder": tiny_clip_text()}
+
+
+def trained_peft_folders(tmp_path):
+    """PEFT folders for the UNet and the text encoder, with per-layer ranks and alphas, and their outputs."""
+    torch.manual_seed(0)
+    unet = ll.add_adapter(
+        tiny_unet(),
+        ll.LoraConfig(
+            r=4,
+            lora_alpha=8,
+            target_modules=UNET_TARGETS,
+            init_lora_weights=False,
+            rank_pattern={"conv1": 2},
+            alpha_pattern={r"mid_block\.attentions\.0\.proj_in": 3},
+        ),
+        verbose=False,
+    )
+    te = ll.add_adapter(
+        tiny_clip_text(),
+        ll.LoraConfig(r=2, lora_alpha=5, target_modules=CLIP_TARGETS, init_lora_weights=False),
+        verbose=False,
+    )
+    ll.save_adapter(unet, tmp_path / "peft" / "unet")
+    ll.save_adapter(te, tmp_path / "peft" / "text_encoder")
+    return unet_out(unet), clip_out(te)
+
+
+def test_peft_to_kohya_and_back_gives_the_same_outputs(tmp_path):
+    expected_unet, expected_te = trained_peft_folders(tmp_path)
+    file = peft_to_kohya(
+        {"unet": tmp_path / "peft" / "unet", "text_encoder": tmp_path / "peft" / "text_encoder"},
+        tmp_path / "sd.safetensors",
+    )
+    keys = load_file(file)
+    assert "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q.lora_down.weight" in keys
+    assert "lora_unet_mid_block_attentions_0_proj_in.alpha" in keys
+    assert keys["lora_unet_down_blocks_0_resnets_0_conv1.lora_down.weight"].shape == (2, 32, 3, 3)
+    assert "lora_te_text_model_encoder_layers_1_mlp_fc1.lora_up.weight" in keys
+    assert all(k.startswith(("lora_unet_", "lora_te_")) for k in keys)
+
+    written = kohya_to_peft(file, models(), tmp_path / "converted")
+    assert set(written) == {"unet", "text_encoder"}
+    unet = ll.load_adapter(tiny_unet(), written["unet"], verbose=False)
+    te = ll.load_adapter(tiny_clip_text(), written["text_encoder"], verbose=False)
+    torch.testing.assert_close(unet_out(unet), expected_unet, atol=1e-5, rtol=0)
+    torch.testing.assert_close(clip_out(te), expected_te, atol=1e-5, rtol=0)
+    config = ll.read_adapter(written["unet"])[0]
+    assert config.r == 4 and set(config.rank_pattern.values()) == {2}
+    # And back again: the same kohya tensors.
+    again = load_file(peft_to_kohya(written, tmp_path / "again.safetensors"))
+    assert again.keys() == keys.keys()
+    for k, v in keys.items():
+        torch.testing.assert_close(again[k], v, atol=0, rtol=0)
+
+
+def test_hand_built_kohya_file_loads_as_its_merged_weights(tmp_path):
+    """Keys written by hand as kohya's sd-scripts names them; the expected model adds alpha/r·up·down by hand."""
+    g = torch.Generator().manual_seed(3)
+    layers = {  # kohya name: (module path, down shape, up shape, alpha or None)
+        "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn2_to_k": (
+            "down_blocks.0.attentions.0.transformer_blocks.0.attn2.to_k",
+            (2, 32),
+            (32, 2),
+            1.0,
+        ),
+        "lora_unet_down_blocks_0_resnets_0_conv1": (
+            "down_blocks.0.resnets.0.conv1",
+            (3, 32, 3, 3),
+            (32, 3, 1, 1),
+            None,
+        ),
+        # a 1x1 conv written as a linear layer (2-D), as some trainers do
+        "lora_unet_mid_block_attentions_0_proj_in": ("mid_block.attentions.0.proj_in", (2, 64), (64, 2), 4.0),
+        "lora_te_text_model_encoder_layers_1_mlp_fc1": ("encoder.layers.1.mlp.fc1", (2, 32), (64, 2), 0.5),
+    }
+    tensors = {}
+    expected = models()
+    for name, (path, down_shape, up_shape, alpha) in layers.items():
+        down, up = torch.randn(down_shape, generator=g), torch.randn(up_shape, generator=g)
+        tensors[f"{name}.lora_down.weight"], tensors[f"{name}.lora_up.weight"] = down.half(), up.half()
+        if alpha is not None:
+            tensors[f"{name}.alpha"] = torch.tensor(alpha, dtype=torch.float16)
+        r = down_shape[0]
+        scale = (alpha if alpha is not None else r) / r
+        model = expected["text_encoder" if name.startswith("lora_te_") else "unet"]
+        w = model.get_submodule(path).weight
+        delta = up.half().float().reshape(up.shape[0], r) @ down.half().float().reshape(r, -1)
+        with torch.no_grad():
+            w += scale * delta.reshape(w.shape)
+    save_file(tensors, tmp_path / "hand.safetensors")
+
+    written = kohya_to_peft(tmp_path / "hand.safetensors", models(), tmp_path / "out")
+    unet = ll.load_adapter(tiny_unet(), written["unet"], verbose=False)
+    te = ll.load_adapter(tiny_clip_text(), written["text_encoder"], verbose=False)
+    assert (unet_out(unet) - unet_out(tiny_unet())).abs().max() > 1e-2
+    torch.testing.assert_close(unet_out(unet), unet_out(expected["unet"]), atol=1e-5, rtol=0)
+    torch.testing.assert_close(clip_out(te), clip_out(expected["text_encoder"]), atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize(
+    "keys, message",
+    [
+        (["unet.down_blocks.0.attentions.0.proj_in.lora.down.weight"], "diffusers-format LoRA"),
+        (["base_model.model.conv_in.lora_A.weight"], "PEFT adapter"),
+        (["lora_unet_down_blocks_0_resnets_0_conv1.hada_w1_a"], "LyCORIS"),
+        (["some.other.key"], "unknown key style"),
+    ],
+)
+def test_unknown_key_styles_are_refused_with_the_keys(keys, message, tmp_path):
+    save_file({k: torch.zeros(2, 2) for k in keys}, tmp_path / "x.safetensors")
+    with pytest.raises(ll.AdapterError, match=message) as e:
+        read_kohya(tmp_path / "x.safetensors")
+    assert keys[0] in str(e.value) and "x.safetensors" in str(e.value)
+
+
+def test_bad_kohya_files_name_the_problem(tmp_path):
+    down, up = torch.zeros(2, 32), torch.zeros(32, 2)
+    save_file(
+        {"lora_unet_no_such_layer.lora_down.weight": down, "lora_unet_no_such_layer.lora_up.weight": up},
+        tmp_path / "a.safetensors",
+    )
+    with pytest.raises(ll.AdapterError, match="match no layer of UNet2DConditionModel.*no_such_layer"):
+        kohya_to_peft(tmp_path / "a.safetensors", models(), tmp_path / "out")
+    sgm = "lora_unet_input_blocks_1_1_proj_in"
+    save_file({f"{sgm}.lora_down.weight": down, f"{sgm}.lora_up.weight": up}, tmp_path / "s.safetensors")
+    with pytest.raises(ll.AdapterError, match="LDM/SGM.*input_blocks_1_1_proj_in"):
+        kohya_to_peft(tmp_path / "s.safetensors", models(), tmp_path / "out")
+    name = "lora_te_text_model_encoder_layers_0_self_attn_q_proj"
+    save_file({f"{name}.lora_down.weight": down, f"{name}.lora_up.weight": up}, tmp_path / "b.safetensors")
+    with pytest.raises(ll.AdapterError, match=r"text_encoder.*no such model was given"):
+        kohya_to_peft(tmp_path / "b.safetensors", {"unet": tiny_unet()}, tmp_path / "out")
+    save_file({f"{name}.lora_down.weight": down}, tmp_path / "c.safetensors")
+    with pytest.raises(ll.AdapterError, match="without both lora_down and lora_up"):
+        read_kohya(tmp_path / "c.safetensors")
+    save_file(
+        {f"{name}.lora_down.weight": torch.zeros(2, 31), f"{name}.lora_up.weight": up}, tmp_path / "d.safetensors"
+    )
+    with pytest.raises(ll.AdapterError, match=r"lora_down: shape \(2, 31\) does not fit"):
+        kohya_to_peft(tmp_path / "d.safetensors", models(), tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
+def test_dora_has_no_kohya_form(tmp_path):
+    model = ll.add_adapter(
+        tiny_clip_text(), ll.LoraConfig(r=2, target_modules=CLIP_TARGETS, use_dora=True), verbose=False
+    )
+    ll.save_adapter(model, tmp_path / "te")
+    with pytest.raises(ll.AdapterError, match="use_dora"):
+        peft_to_kohya({"text_encoder": tmp_path / "te"}, tmp_path / "x.safetensors")
+
+
+def test_cli_convert_both_ways_with_a_saved_pipeline(tmp_path, capsys):
+    expected_unet, expected_te = trained_peft_folders(tmp_path)
+    tiny_unet().save_pretrained(tmp_path / "sd" / "unet")
+    tiny_clip_text().save_pretrained(tmp_path / "sd" / "text_encoder")
+
+    assert main(["convert", str(tmp_path / "peft"), str(tmp_path / "sd.safetensors")]) == 0
+    assert (
+        main(["convert", str(tmp_path / "sd.safetensors"), str(tmp_path / "back"), "--base", str(tmp_path / "sd")]) == 0
+    )
+    assert "wrote" in capsys.readouterr().out
+    unet = ll.load_adapter(tiny_unet(), tmp_path / "back" / "unet", verbose=False)
+    te = ll.load_adapter(tiny_clip_text(), tmp_path / "back" / "text_encoder", verbose=False)
+    torch.testing.assert_close(unet_out(unet), expected_unet, atol=1e-5, rtol=0)
+    torch.testing.assert_close(clip_out(te), expected_te, atol=1e-5, rtol=0)
+
+    assert main(["convert", str(tmp_path / "sd.safetensors"), str(tmp_path / "x")]) == 2
+    assert "needs --base" in capsys.readouterr().err
