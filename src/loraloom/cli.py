@@ -29,7 +29,7 @@ from transformers import (
 
 from .adapters import ADAPTER_TYPES, AdapterConfig, load_adapter, merge_and_unload, read_adapter
 from .adapters.base import AdapterError
-from .adapters.inject import matches
+from .adapters.inject import matches, task_type_of_class
 from .adapters.peft_format import (
     CONFIG_NAME,
     KEY_PREFIX,
@@ -73,21 +73,52 @@ def model_source(name_or_path: str) -> str:
     return name_or_path
 
 
-def load_base(
-    name_or_path: str, task: str | None = None, *, examples: Sequence[Example] | None = None
-) -> tuple[nn.Module, Any]:
-    """(model, tokenizer) from a local folder or a hub id; the Auto class follows ``task`` or the config.
+# PEFT's task_type -> the CLI's task.
+ADAPTER_TASKS = {"SEQ_2_SEQ_LM": "seq2seq", "CAUSAL_LM": "causal", "SEQ_CLS": "classification"}
+# Head weights whose first dimension is the number of labels of a saved classifier.
+CLASSIFIER_KEYS = ("classifier.weight", "score.weight", "classifier.out_proj.weight")
 
-    For classification, unless the config already names every label of ``examples``, their labels
-    (numbered as ``train`` numbers them) replace the config's and the head is built anew for them.
+
+def task_of_adapter(config: AdapterConfig) -> str | None:
+    """The CLI task an adapter was trained for: its task_type, else the class in PEFT's auto_mapping."""
+    task_type = config.task_type
+    if task_type is None and config.auto_mapping:
+        task_type = task_type_of_class(str(config.auto_mapping.get("base_model_class", "")))
+    return ADAPTER_TASKS.get(task_type or "")
+
+
+def load_base(
+    name_or_path: str,
+    task: str | None = None,
+    *,
+    examples: Sequence[Example] | None = None,
+    adapter: str | None = None,
+) -> tuple[nn.Module, Any]:
+    """(model, tokenizer) from a local folder or a hub id, with ``adapter`` (a folder or hub id) loaded.
+
+    The Auto class follows ``task``, else the adapter's task_type, else the base config; an explicit
+    ``task`` that contradicts the adapter's is an error naming both. For classification, unless the config
+    already names every label of ``examples``, their labels (numbered as ``train`` numbers them) replace
+    the config's and the head is built anew for them; without examples a saved head sets the label count.
     """
     source = model_source(name_or_path)
     config = AutoConfig.from_pretrained(source)
-    task = task or task_from_config(config)
+    adapter_config, tensors, _ = read_adapter(adapter) if adapter else (None, {}, None)
+    adapter_task = task_of_adapter(adapter_config) if adapter_config is not None else None
+    if task and adapter_task and task != adapter_task:
+        raise ValueError(
+            f"--task {task} contradicts the adapter {adapter}: it was trained for {adapter_task} "
+            f"(task_type {adapter_config.task_type or adapter_config.auto_mapping})"
+        )
+    task = task or adapter_task or task_from_config(config)
     if task not in MODEL_CLASSES:
         raise ValueError(f"task must be one of {TASKS}, got {task!r}")
     kwargs: dict[str, Any] = {}
     label2id = default_label2id(examples) if task == "classification" and examples else None
+    head = [t for k, t in tensors.items() if normalise_key(k).endswith(CLASSIFIER_KEYS)]
+    if task == "classification" and not label2id and head and head[0].shape[0] != config.num_labels:
+        config.num_labels = head[0].shape[0]  # the adapter's head decides; labels are then LABEL_0, ...
+        kwargs["ignore_mismatched_sizes"] = True
     if label2id and not set(label2id) <= set(config.label2id or {}):
         config.num_labels = max(label2id.values()) + 1
         config.label2id = dict(label2id)
@@ -95,6 +126,8 @@ def load_base(
         kwargs["ignore_mismatched_sizes"] = True  # the base's head (if any) has other labels
     model = MODEL_CLASSES[task].from_pretrained(source, config=config, **kwargs).eval()
     tokenizer = AutoTokenizer.from_pretrained(source)
+    if adapter:
+        load_adapter(model, adapter)
     return model, tokenizer
 
 
@@ -169,9 +202,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 def cmd_eval(args: argparse.Namespace) -> int:
     examples = load_examples(args.data, args.input_field, args.target_field)
     # (a classifier trained by `loraloom train` numbered its labels by the same rule)
-    model, tokenizer = load_base(args.base, args.task, examples=examples)
-    if args.adapter:
-        load_adapter(model, args.adapter)
+    model, tokenizer = load_base(args.base, args.task, examples=examples, adapter=args.adapter)
     result = evaluate(
         model,
         tokenizer,
@@ -188,8 +219,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 
 def cmd_merge(args: argparse.Namespace) -> int:
-    model, tokenizer = load_base(args.base, args.task)
-    merged = merge_and_unload(load_adapter(model, args.adapter))
+    model, tokenizer = load_base(args.base, args.task, adapter=args.adapter)
+    merged = merge_and_unload(model)
     save_full_model(merged, tokenizer, Path(args.out))
     print(f"merged {args.adapter} into {args.base}: wrote {args.out}")
     return 0
