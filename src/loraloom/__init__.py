@@ -20,6 +20,7 @@ from .adapters import (
 )
 from .data import DataError, Example, load_examples
 from .evaluate import EvalResult, evaluate, generate
+from .experiment import experiment, report  # the function shadows the subpackage: import from it by name
 from .hub import LoraHubResult, lorahub
 from .train import TrainResult, train
 
@@ -39,6 +40,7 @@ __all__ = [
     "add_adapter",
     "count_parameters",
     "evaluate",
+    "experiment",
     "generate",
     "load_adapter",
     "load_examples",
@@ -46,6 +48,7 @@ __all__ = [
     "merge",
     "merge_and_unload",
     "read_adapter",
+    "report",
     "save_adapter",
     "train",
     "unmerge",

@@ -40,6 +40,7 @@ from .adapters.peft_format import (
 )
 from .data import TASKS, Example, default_label2id, load_examples
 from .evaluate import evaluate
+from .experiment import DEFAULT_METHODS, METHODS, ExperimentSettings, experiment, load_results, report
 from .hub import DEFAULT_POPULATION, lorahub
 from .train import FULL, adapter_config_for, save_full_model, train
 
@@ -258,6 +259,62 @@ def cmd_compose(args: argparse.Namespace) -> int:
     return 0
 
 
+# ---- experiment, report ------------------------------------------------------------------------
+
+# `loraloom experiment` flags for the most used settings; every other one through --set NAME=VALUE.
+EXPERIMENT_FLAGS = ("shots", "max_test", "num_modules", "budget", "epochs", "gradient_runs")
+
+
+def parse_seeds(text: str) -> list[int]:
+    """ "1-5" -> [1, 2, 3, 4, 5]; "1,3,7-8" -> [1, 3, 7, 8]."""
+    seeds: list[int] = []
+    for part in text.split(","):
+        first, dash, last = part.strip().partition("-")
+        if not first.isdigit() or (dash and not last.isdigit()):
+            raise ValueError(f"--seeds {text!r}: expected numbers and ranges such as 1-5 or 1,3,7-8")
+        seeds += list(range(int(first), int(last) + 1)) if dash else [int(first)]
+    return seeds
+
+
+def experiment_settings(args: argparse.Namespace) -> ExperimentSettings:
+    """ExperimentSettings from --set NAME=VALUE (VALUE read as JSON, else as text) and the named flags."""
+    values: dict[str, Any] = {}
+    for item in args.set or []:
+        name, eq, text = item.partition("=")
+        if not eq or not name.strip():
+            raise ValueError(f"--set {item!r}: expected NAME=VALUE, e.g. --set max_new_tokens=16")
+        try:
+            values[name.strip().replace("-", "_")] = json.loads(text)
+        except json.JSONDecodeError:
+            values[name.strip().replace("-", "_")] = text
+    values.update({f: getattr(args, f) for f in EXPERIMENT_FLAGS if getattr(args, f) is not None})
+    return ExperimentSettings.from_dict(values)
+
+
+def cmd_experiment(args: argparse.Namespace) -> int:
+    results = experiment(
+        args.base,
+        pool=args.pool,
+        tasks=args.tasks,
+        methods=args.methods,
+        seeds=parse_seeds(args.seeds),
+        out=args.out,
+        settings=experiment_settings(args),
+        task_filter=args.task_filter,
+        ray=args.ray,
+    )
+    print(results.markdown())
+    print(f"wrote {report(args.out)}, results.csv and plots/ in {args.out}")
+    return 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    path = report(args.run_dir, plots=not args.no_plots)
+    print(load_results(args.run_dir)[0].markdown())
+    print(f"wrote {path}")
+    return 0
+
+
 # ---- inspect -----------------------------------------------------------------------------------
 
 
@@ -466,6 +523,31 @@ def build_parser() -> argparse.ArgumentParser:
         help="for a single PEFT folder: the model it adapts (default: unet)",
     )
     p.set_defaults(run=cmd_convert)
+
+    p = sub.add_parser("experiment", help="the LoraHub protocol: methods x tasks x seeds, resumable, into RUN_DIR")
+    p.add_argument("--base", required=True, help="base model: a local folder or a hub id")
+    p.add_argument("--pool", metavar="DIR", help="folder of LoRA module folders (lorahub*, retrieval-best)")
+    p.add_argument("--tasks", required=True, help="bbh:DIR, bbh:download or jsonl:DIR")
+    p.add_argument("--task-filter", metavar="GLOB", help="only the tasks whose name matches")
+    p.add_argument(
+        "--methods",
+        default=",".join(DEFAULT_METHODS),
+        help=f"comma-separated, from: {', '.join(METHODS)} (default: %(default)s)",
+    )
+    p.add_argument("--seeds", default="1-5", help="e.g. 1-5 or 1,3 (default: %(default)s)")
+    p.add_argument("--out", required=True, metavar="RUN_DIR", help="results.sqlite, predictions/, report.md, plots/")
+    for name in EXPERIMENT_FLAGS:
+        p.add_argument(f"--{name.replace('_', '-')}", type=int, help=f"default: {getattr(ExperimentSettings, name)}")
+    p.add_argument(
+        "--set", action="append", metavar="NAME=VALUE", help="any ExperimentSettings field, VALUE as JSON (repeatable)"
+    )
+    p.add_argument("--ray", nargs="?", const=True, metavar="ADDRESS", help="run cells on Ray: local, or at ADDRESS")
+    p.set_defaults(run=cmd_experiment)
+
+    p = sub.add_parser("report", help="report.md, results.csv and plots from an experiment's RUN_DIR")
+    p.add_argument("run_dir", metavar="RUN_DIR")
+    p.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
+    p.set_defaults(run=cmd_report)
 
     return parser
 

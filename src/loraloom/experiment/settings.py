@@ -1,0 +1,154 @@
+"""Every protocol setting of an experiment, in one validated dataclass that is recorded and hashed.
+
+Defaults are the LoraHub paper's BBH protocol (SPEC section 3): 5 learning examples per task and seed,
+N = 20 modules, budget K = 40, gradient baselines trained 40 epochs on the same 5 examples (lr 3e-5 full,
+2e-4 LoRA / IA3, FourierFT at its documented 5e-2), 3 runs each.
+
+A cell (task, method, seed, run) is keyed by the hash of only the settings its method reads
+(``cell_fields``): changing the LoraHub budget makes new LoraHub cells and keeps every LoRA cell.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from dataclasses import dataclass, field
+from typing import Any
+
+from ..train import DEFAULT_LR
+
+# What the runner passes to ll.lorahub itself; lorahub_options must not set these.
+LORAHUB_RESERVED = ("base", "modules", "examples", "tokenizer", "pool", "num", "select", "budget", "seed", "mode")
+GRADIENT_METHODS = ("lora", "ia3", "fourierft", "full")
+
+
+@dataclass
+class ExperimentSettings:
+    shots: int = 5
+    """Learning examples per task and seed, drawn with the split seed; the rest are the test examples."""
+    max_test: int | None = None
+    """At most this many test examples per task (the first of the seeded shuffle); None = all of them."""
+    split_seed: int | None = None
+    """None: each seed draws its own split (learning and test examples). An int: one split for every
+    seed, drawn with this seed (the paper's BBH protocol, where only the module sampling varies)."""
+    num_modules: int = 20
+    """LoraHub N: modules composed per seed (all of the pool when it holds fewer; recorded per cell)."""
+    budget: int = 40
+    """LoraHub K: objective evaluations (nevergrad) or Adam steps (lorahub-gradient)."""
+    lorahub_options: dict[str, Any] = field(default_factory=dict)
+    """Extra keyword arguments for ``ll.lorahub`` in the lorahub* methods (e.g. {"population": 1});
+    recorded as given, and each cell also records the settings LoraHub reports it ran with."""
+    epochs: int = 40
+    """Gradient baselines: epochs over the learning examples."""
+    lr_full: float = 3e-5
+    """Full fine-tuning learning rate (the paper's)."""
+    lr_lora: float = 2e-4
+    """LoRA learning rate (the paper's)."""
+    lr_ia3: float = 2e-4
+    """IA3 learning rate (the paper's)."""
+    lr_fourierft: float = DEFAULT_LR["FOURIERFT"]
+    """FourierFT learning rate for the spectral coefficients (loraloom's documented default)."""
+    gradient_runs: int = 3
+    """Gradient baselines: training runs per task and seed (run r trains with seed 1000 * seed + r); the
+    report shows their mean."""
+    train_batch_size: int = 8
+    """Gradient baselines: examples per optimizer step (8 >= 5 shots: one full batch an epoch)."""
+    adapter_options: dict[str, dict[str, Any]] = field(default_factory=dict)
+    """Per gradient method ("lora", "ia3", "fourierft"), fields of its adapter config, e.g.
+    {"lora": {"r": 16, "target_modules": ["q", "v"]}}; default: the type's own defaults."""
+    max_new_tokens: int = 64
+    """Greedy generation: at most this many new tokens per test example."""
+    batch_size: int = 16
+    """Test examples generated per batch."""
+    icl_separator: str = "\n\n"
+    """ICL: the prompt is the demonstrations ("input\\ntarget") and the test input, joined by this."""
+    max_context: int | None = None
+    """ICL: the longest prompt the model takes; None = the smaller of the model's position limit and the
+    tokenizer's model_max_length. Longer prompts skip the ICL cell, with the reason recorded."""
+
+    def __post_init__(self) -> None:
+        for name in ("shots", "num_modules", "budget", "epochs", "gradient_runs", "train_batch_size"):
+            _check_int(self, name, minimum=1)
+        _check_int(self, "max_new_tokens", minimum=1)
+        _check_int(self, "batch_size", minimum=1)
+        for name in ("max_test", "max_context"):
+            if getattr(self, name) is not None:
+                _check_int(self, name, minimum=1)
+        if self.split_seed is not None:
+            _check_int(self, "split_seed", minimum=0)
+        for name in ("lr_full", "lr_lora", "lr_ia3", "lr_fourierft"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
+                raise ValueError(f"ExperimentSettings.{name} must be a positive number, got {value!r}")
+        if not isinstance(self.lorahub_options, dict) or not all(isinstance(k, str) for k in self.lorahub_options):
+            raise ValueError(
+                f"ExperimentSettings.lorahub_options must be a dict of keyword arguments, got {self.lorahub_options!r}"
+            )
+        reserved = sorted(set(self.lorahub_options) & set(LORAHUB_RESERVED))
+        if reserved:
+            raise ValueError(
+                f"ExperimentSettings.lorahub_options sets {reserved}: the harness passes these itself "
+                "(use num_modules, budget, the seeds and the methods lorahub / lorahub-retrieval / lorahub-gradient)"
+            )
+        if not isinstance(self.adapter_options, dict):
+            raise ValueError(f"ExperimentSettings.adapter_options must be a dict, got {self.adapter_options!r}")
+        unknown = sorted(set(self.adapter_options) - {"lora", "ia3", "fourierft"})
+        if unknown:
+            raise ValueError(f"ExperimentSettings.adapter_options: unknown adapter {unknown}; use lora, ia3, fourierft")
+        if not all(isinstance(v, dict) for v in self.adapter_options.values()):
+            raise ValueError("ExperimentSettings.adapter_options: each value must be a dict of config fields")
+        if not isinstance(self.icl_separator, str):
+            raise ValueError(f"ExperimentSettings.icl_separator must be a string, got {self.icl_separator!r}")
+        try:
+            json.dumps(self.to_dict(), sort_keys=True)
+        except TypeError as e:
+            raise ValueError(f"ExperimentSettings must hold JSON values only (they are recorded): {e}") from e
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> ExperimentSettings:
+        """Settings from a dict; an unknown name is an error listing the known ones."""
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ValueError(f"unknown experiment setting(s) {unknown}; known: {', '.join(sorted(known))}")
+        return cls(**values)
+
+    def replace(self, **changes: Any) -> ExperimentSettings:
+        return ExperimentSettings.from_dict({**self.to_dict(), **changes})
+
+    def cell_fields(self, method: str) -> dict[str, Any]:
+        """The settings a method's cells depend on (what their hash covers)."""
+        names = ["shots", "max_test", "split_seed", "max_new_tokens", "batch_size"]
+        if method == "icl":
+            names += ["icl_separator", "max_context"]
+        elif method.startswith("lorahub"):
+            names += ["num_modules", "budget", "lorahub_options"]
+        elif method in GRADIENT_METHODS:
+            names += ["epochs", f"lr_{method}", "train_batch_size"]
+        values = {name: getattr(self, name) for name in names}
+        if method in self.adapter_options:
+            values["adapter_options"] = self.adapter_options[method]
+        return values
+
+    def hash(self) -> str:
+        """A stable hash of every setting."""
+        return stable_hash(self.to_dict())
+
+
+def stable_hash(value: Any) -> str:
+    """12 hex digits of SHA-256 over the value's sorted-key JSON: the same settings, the same hash."""
+    text = json.dumps(value, sort_keys=True, separators=(",", ":"), default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:12]
+
+
+def _check_int(settings: ExperimentSettings, name: str, *, minimum: int) -> None:
+    value = getattr(settings, name)
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ValueError(f"ExperimentSettings.{name} must be an integer >= {minimum}, got {value!r}")
+
+
+__all__ = ["GRADIENT_METHODS", "LORAHUB_RESERVED", "ExperimentSettings", "stable_hash"]
