@@ -433,6 +433,27 @@ def cmd_convert(args: argparse.Namespace) -> int:
     return 0
 
 
+# ---- serve -------------------------------------------------------------------------------------
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    try:
+        from .serve.app import ServeOptions, serve
+    except ImportError as e:
+        raise ValueError(f"loraloom serve needs FastAPI and uvicorn: pip install 'loraloom[serve]' ({e})") from e
+    options = ServeOptions(
+        base=args.base,
+        adapters=args.adapters,
+        host=args.host,
+        port=args.port,
+        max_batch=args.max_batch,
+        cache_mib=args.cache_mib,
+        ray_replicas=args.ray_replicas,
+    )
+    serve(options)
+    return 0
+
+
 # ---- the parser --------------------------------------------------------------------------------
 
 
@@ -504,6 +525,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, metavar="DIR", help="adapter/, weights.json, trace.csv, trace.png")
     p.add_argument("--merge", action="store_true", help="also save the base with the module merged, in OUT/merged")
     p.set_defaults(run=cmd_compose)
+
+    p = sub.add_parser("serve", help="an OpenAI-compatible server for many adapters on one base model")
+    p.add_argument("--base", required=True, help="base causal LM: a local folder or a hub id")
+    p.add_argument("--adapters", metavar="DIR", help="folder of adapter folders (a request's model names one)")
+    p.add_argument("--host", default="127.0.0.1", help="default: %(default)s")
+    p.add_argument("--port", type=int, default=8000, help="default: %(default)s")
+    p.add_argument("--max-batch", type=int, default=32, help="rows decoded together (default: %(default)s)")
+    p.add_argument("--cache-mib", type=float, default=1024.0, help="adapter cache limit (default: %(default)s)")
+    p.add_argument("--ray-replicas", type=int, default=0, metavar="N", help="N replicas with Ray Serve")
+    p.set_defaults(run=cmd_serve)
 
     p = sub.add_parser("inspect", help="describe an adapter folder or a full fine-tuning folder")
     p.add_argument("dir", metavar="DIR")

@@ -1,0 +1,24 @@
+"""Serving many LoRA adapters on one base model: batched multi-adapter layers, an adapter cache,
+continuous batching, and an OpenAI-compatible HTTP server (``loraloom serve``).
+
+FastAPI, uvicorn and Ray are imported only by the server modules (``app``, ``replicas``), so the
+batched layers and the engine need nothing beyond the core library.
+"""
+
+from .cache import BASE, AdapterCache, UnknownAdapter
+from .engine import Engine, Request, SamplingParams, Scheduler
+from .multi import LoraWeights, MultiLora, MultiLoraLayer, lora_rows
+
+__all__ = [
+    "BASE",
+    "AdapterCache",
+    "Engine",
+    "LoraWeights",
+    "MultiLora",
+    "MultiLoraLayer",
+    "Request",
+    "SamplingParams",
+    "Scheduler",
+    "UnknownAdapter",
+    "lora_rows",
+]

@@ -1,0 +1,394 @@
+"""Continuous batching for a causal LM with one LoRA adapter (or composition) per request.
+
+``Engine`` owns the model and the running batch. Each ``step`` is one token boundary:
+
+1. rows whose request finished or was cancelled leave the batch (their KV-cache rows are dropped);
+2. new requests join: their prompts are prefilled together (left-padded, each row through its own adapter)
+   and their caches are appended to the running batch's, left-padded to a common length;
+3. every row decodes one token in a single forward pass (each row through its own adapter).
+
+The KV cache is transformers' ``DynamicCache``: rows are left-padded, the attention mask marks the padding
+and the position ids count only real tokens, so a row's numbers do not depend on who else is in the
+batch. Columns of padding shared by every row are cropped when rows leave, so the cache does not grow
+with the batch's history. ``Scheduler`` runs the steps from an asyncio loop: requests arrive at any time
+and join at the next boundary; tokens go back to each request's queue as they are made.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import DynamicCache
+
+from .multi import LoraWeights, MultiLora
+
+
+@dataclass
+class SamplingParams:
+    """How a request decodes (OpenAI's fields and defaults)."""
+
+    max_tokens: int = 16
+    """New tokens at most."""
+    temperature: float = 1.0
+    """0 is greedy; above 0 samples from softmax(logits / temperature)."""
+    top_p: float = 1.0
+    """Sample only from the smallest set of tokens whose probability reaches top_p."""
+    seed: int | None = None
+    """Seed of this request's sampler: same seed, same tokens."""
+    stop: list[str] = field(default_factory=list)
+    """Generation ends before the first of these strings (not included in the text)."""
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.max_tokens, int) or self.max_tokens < 1:
+            raise ValueError(f"max_tokens must be a positive integer, got {self.max_tokens!r}")
+        if not 0.0 <= self.temperature <= 2.0:
+            raise ValueError(f"temperature must be in [0, 2], got {self.temperature!r}")
+        if not 0.0 < self.top_p <= 1.0:
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p!r}")
+        if len(self.stop) > 4 or any(not s for s in self.stop):
+            raise ValueError("stop: at most 4 non-empty strings")
+
+
+_ids = itertools.count()
+
+
+@dataclass(eq=False)
+class Request:
+    """One generation: its prompt, adapter and sampling, and what it has produced so far."""
+
+    prompt_ids: list[int]
+    adapter: LoraWeights | None = None
+    params: SamplingParams = field(default_factory=SamplingParams)
+    id: int = field(default_factory=lambda: next(_ids))
+    output_ids: list[int] = field(default_factory=list)
+    text: str = ""  # the decoded output, cut before a stop string
+    sent: int = 0  # characters of ``text`` already handed out by ``take_text``
+    finish_reason: str | None = None  # "stop", "length", "cancelled" or "error"
+    error: str | None = None
+    cancelled: bool = False
+    queue: asyncio.Queue | None = None  # set by the scheduler: wakes the waiting handler
+    generator: torch.Generator | None = None
+
+    @property
+    def finished(self) -> bool:
+        return self.finish_reason is not None
+
+    def take_text(self) -> str:
+        """The text made since the last call (held back while it might still turn into a stop string)."""
+        end = len(self.text)
+        if not self.finished:
+            hold = max((len(s) - 1 for s in self.params.stop), default=0)
+            end = max(self.sent, end - hold)
+            while end > self.sent and self.text[end - 1] == "\ufffd":  # half of a multi-byte character
+                end -= 1
+        out, self.sent = self.text[self.sent : end], end
+        return out
+
+
+def max_positions(model: nn.Module) -> int | None:
+    config = model.config
+    for name in ("max_position_embeddings", "n_positions"):
+        value = getattr(config, name, None)
+        if isinstance(value, int):
+            return value
+    return None
+
+
+class Engine:
+    """The model, its multi-adapter layers and the running batch (call from one thread at a time)."""
+
+    def __init__(self, model: nn.Module, tokenizer: Any, *, max_batch: int = 32) -> None:
+        if getattr(model.config, "is_encoder_decoder", False):
+            raise ValueError("serving runs causal LMs (decoder-only); got an encoder-decoder model")
+        if max_batch < 1:
+            raise ValueError(f"max_batch must be >= 1, got {max_batch}")
+        self.model = model.eval()
+        self.tokenizer = tokenizer
+        self.max_batch = max_batch
+        self.multi = MultiLora(model)
+        self.device = next(model.parameters()).device
+        self.max_positions = max_positions(model)
+        eos = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else model.config.eos_token_id
+        self.eos_ids = set(eos if isinstance(eos, list) else [eos]) - {None}
+        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else next(iter(self.eos_ids), 0)
+        self.pad_id = pad
+        # The running batch: rows, their KV cache, attention mask (rows x columns fed) and next input token.
+        self.rows: list[Request] = []
+        self.cache: DynamicCache | None = None
+        self.mask: torch.Tensor | None = None
+        self.next_tokens: torch.Tensor | None = None
+
+    def check_length(self, prompt_len: int, max_tokens: int) -> None:
+        """ValueError if the prompt and the tokens to make do not fit the model's positions."""
+        if prompt_len < 1:
+            raise ValueError("the prompt is empty (no tokens)")
+        if self.max_positions is not None and prompt_len + max_tokens > self.max_positions:
+            raise ValueError(
+                f"this model's maximum context length is {self.max_positions} tokens; the prompt has {prompt_len} "
+                f"tokens and max_tokens is {max_tokens} ({prompt_len + max_tokens} in all)"
+            )
+
+    # ---- one token boundary ------------------------------------------------------------------
+
+    @torch.no_grad()
+    def step(self, new: Sequence[Request] = ()) -> list[Request]:
+        """Drop finished rows, prefill ``new`` into the batch, decode one token for every row.
+
+        Returns the requests that changed (got text or finished)."""
+        self._drop_finished()
+        new = [r for r in new if not r.cancelled]
+        if new:
+            self._prefill(new)  # each new row gets its first token; rows done at once never join
+        if self.rows:
+            self._decode()
+        return list(dict.fromkeys([*new, *self.rows]))
+
+    def fail_all(self, message: str, requests: Sequence[Request] = ()) -> list[Request]:
+        """An error in a step: every row and ``requests`` end with ``message``; the batch starts afresh."""
+        failed = [r for r in [*self.rows, *requests] if not r.finished]
+        for r in failed:
+            r.finish_reason, r.error = "error", message
+        self.rows, self.cache, self.mask, self.next_tokens = [], None, None, None
+        self.multi.clear()
+        return failed
+
+    def _prefill(self, new: list[Request]) -> None:
+        width = max(len(r.prompt_ids) for r in new)
+        ids = torch.full((len(new), width), self.pad_id, dtype=torch.long)
+        mask = torch.zeros((len(new), width), dtype=torch.long)
+        for i, r in enumerate(new):  # left padding: the last column is every row's last prompt token
+            ids[i, width - len(r.prompt_ids) :] = torch.tensor(r.prompt_ids)
+            mask[i, width - len(r.prompt_ids) :] = 1
+            if r.params.temperature > 0:
+                r.generator = torch.Generator().manual_seed(
+                    r.params.seed if r.params.seed is not None else torch.seed()
+                )
+        ids, mask = ids.to(self.device), mask.to(self.device)
+        self.multi.set_rows([r.adapter for r in new])
+        cache = DynamicCache(config=self.model.config)
+        logits = self._forward(ids, mask, cache)
+        tokens = self._sample(logits, new)
+        keep = [i for i, r in enumerate(new) if not r.finished]
+        if not keep:
+            return
+        if len(keep) < len(new):
+            cache, mask, tokens = _select(cache, keep, self.model.config), mask[keep], tokens[keep]
+        self._append([new[i] for i in keep], cache, mask, tokens)
+
+    def _decode(self) -> None:
+        self.mask = torch.cat([self.mask, self.mask.new_ones((len(self.rows), 1))], dim=1)
+        self.multi.set_rows([r.adapter for r in self.rows])
+        logits = self._forward(self.next_tokens[:, None], self.mask, self.cache)
+        self.next_tokens = self._sample(logits, self.rows)
+
+    def _forward(self, ids: torch.Tensor, mask: torch.Tensor, cache: DynamicCache) -> torch.Tensor:
+        """Logits of the last column for ``ids`` fed after ``cache`` (``mask`` covers cache and ids)."""
+        positions = (mask.cumsum(dim=1) - 1).clamp(min=0)[:, -ids.shape[1] :]
+        out = self.model(
+            input_ids=ids,
+            attention_mask=mask,
+            position_ids=positions,
+            cache=cache,
+            use_cache=True,
+            logits_to_keep=1,
+        )
+        return out.logits[:, -1].float()
+
+    def _sample(self, logits: torch.Tensor, requests: Sequence[Request]) -> torch.Tensor:
+        """One token per row (greedy or sampled), recorded in each request; returns the tokens."""
+        tokens = logits.argmax(dim=-1)
+        for i, r in enumerate(requests):
+            if r.params.temperature > 0:
+                tokens[i] = _sample_row(logits[i], r.params, r.generator)
+        for r, t in zip(requests, tokens.tolist(), strict=True):
+            self._record(r, t)
+        return tokens
+
+    def _record(self, r: Request, token: int) -> None:
+        if r.cancelled:
+            r.finish_reason = "cancelled"
+            return
+        if token in self.eos_ids:
+            r.finish_reason = "stop"
+            return
+        r.output_ids.append(token)
+        r.text = self.tokenizer.decode(r.output_ids, skip_special_tokens=True)
+        hits = [i for i in (r.text.find(s, max(r.sent - len(s), 0)) for s in r.params.stop) if i >= 0]
+        if hits:
+            r.text, r.finish_reason = r.text[: min(hits)], "stop"
+        elif len(r.output_ids) >= r.params.max_tokens:
+            r.finish_reason = "length"
+
+    # ---- the batch's KV cache ----------------------------------------------------------------
+
+    def _append(self, rows: list[Request], cache: DynamicCache, mask: torch.Tensor, tokens: torch.Tensor) -> None:
+        """Join prefilled rows to the running batch, left-padding whichever side is shorter."""
+        if not self.rows:
+            self.rows, self.cache, self.mask, self.next_tokens = rows, cache, mask, tokens
+            return
+        width = max(self.mask.shape[1], mask.shape[1])
+        old_kv, new_kv = _tensors(self.cache), _tensors(cache)
+        merged = [
+            (
+                torch.cat([_pad_left(ko, width), _pad_left(kn, width)]),
+                torch.cat([_pad_left(vo, width), _pad_left(vn, width)]),
+            )
+            for (ko, vo), (kn, vn) in zip(old_kv, new_kv, strict=True)
+        ]
+        self.cache = DynamicCache(ddp_cache_data=merged, config=self.model.config)
+        self.mask = torch.cat([_pad_left(self.mask, width, dim=1), _pad_left(mask, width, dim=1)])
+        self.next_tokens = torch.cat([self.next_tokens, tokens])
+        self.rows = self.rows + rows
+
+    def _drop_finished(self) -> None:
+        keep = [i for i, r in enumerate(self.rows) if not (r.finished or r.cancelled)]
+        for r in self.rows:
+            if r.cancelled and not r.finished:
+                r.finish_reason = "cancelled"
+        if len(keep) == len(self.rows):
+            return
+        if not keep:
+            self.rows, self.cache, self.mask, self.next_tokens = [], None, None, None
+            return
+        self.rows = [self.rows[i] for i in keep]
+        self.mask, self.next_tokens = self.mask[keep], self.next_tokens[keep]
+        # Columns that are padding in every remaining row carry nothing: crop them.
+        shared_pad = int((self.mask.cumsum(dim=1) == 0).all(dim=0).sum())
+        self.cache = _select(self.cache, keep, self.model.config, start=shared_pad)
+        self.mask = self.mask[:, shared_pad:]
+
+    # ---- without a server --------------------------------------------------------------------
+
+    def generate(self, requests: Sequence[Request]) -> list[Request]:
+        """Run ``requests`` to the end, all admitted together (up to ``max_batch`` at a time)."""
+        waiting = list(requests)
+        while waiting or self.rows:
+            room = self.max_batch - len([r for r in self.rows if not r.finished])
+            new, waiting = waiting[:room], waiting[room:]
+            self.step(new)
+        self._drop_finished()
+        return list(requests)
+
+
+def _tensors(cache: DynamicCache) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    return [(layer.keys, layer.values) for layer in cache.layers]
+
+
+def _select(cache: DynamicCache, rows: list[int], config: Any, start: int = 0) -> DynamicCache:
+    index = torch.tensor(rows, device=cache.layers[0].keys.device)
+    data = [
+        (k.index_select(0, index)[:, :, start:], v.index_select(0, index)[:, :, start:]) for k, v in _tensors(cache)
+    ]
+    return DynamicCache(ddp_cache_data=data, config=config)
+
+
+def _pad_left(t: torch.Tensor, width: int, dim: int = 2) -> torch.Tensor:
+    """Zeros before ``t`` along ``dim`` up to ``width`` (keys/values: dim 2; masks: dim 1)."""
+    missing = width - t.shape[dim]
+    if missing == 0:
+        return t
+    pad = [0, 0] * (t.ndim - 1 - dim) + [missing, 0]
+    return F.pad(t, pad)
+
+
+def _sample_row(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator | None) -> int:
+    probs = torch.softmax(logits / params.temperature, dim=-1)
+    if params.top_p < 1.0:
+        sorted_probs, order = probs.sort(descending=True)
+        outside = sorted_probs.cumsum(0) - sorted_probs >= params.top_p  # keep the smallest set reaching top_p
+        sorted_probs[outside] = 0.0
+        probs = torch.zeros_like(probs).scatter(0, order, sorted_probs)
+    return int(torch.multinomial(probs.cpu(), 1, generator=generator))
+
+
+class Scheduler:
+    """Runs the engine's steps from an asyncio loop; requests join at the next token boundary.
+
+    The model runs in one worker thread, so the event loop stays free to accept requests and stream
+    tokens while a step computes. ``submit`` queues a request; its queue then receives a wake-up after
+    every step that changed it; ``cancel`` (a client that went away) frees its row at the next step.
+    """
+
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+        self.waiting: list[Request] = []
+        self._wake = asyncio.Event()
+        self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="loraloom-model")
+        self._task: asyncio.Task | None = None
+        self.steps = 0  # token boundaries so far
+        self.cancelled = 0  # requests abandoned before they finished (clients that went away)
+
+    def start(self) -> None:
+        if self._task is None:
+            self._task = asyncio.get_running_loop().create_task(self._run())
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            try:
+                await self._task
+            except asyncio.CancelledError:
+                pass
+            self._task = None
+        self._worker.shutdown(wait=True)
+
+    def submit(self, request: Request) -> Request:
+        request.queue = asyncio.Queue()
+        self.waiting.append(request)
+        self._wake.set()
+        return request
+
+    def cancel(self, request: Request) -> None:
+        if not request.finished and not request.cancelled:
+            request.cancelled = True
+            self.cancelled += 1
+            self._wake.set()
+
+    async def _run(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            self.waiting = [r for r in self.waiting if not r.cancelled]
+            if not self.waiting and not self.engine.rows:
+                self._wake.clear()
+                await self._wake.wait()
+                continue
+            room = self.engine.max_batch - len(self.engine.rows)
+            new, self.waiting = self.waiting[:room], self.waiting[room:]
+            try:
+                changed = await loop.run_in_executor(self._worker, self.engine.step, new)
+            except Exception as e:  # a failed step must not stop the server: its requests get the error
+                changed = await loop.run_in_executor(
+                    self._worker, self.engine.fail_all, f"generation failed: {type(e).__name__}: {e}", new
+                )
+            self.steps += 1
+            for r in changed:
+                r.queue.put_nowait(None)
+
+    async def stream(self, request: Request):
+        """Yield text pieces of ``request`` as they are made; ends when it finishes (cancels if abandoned)."""
+        try:
+            while True:
+                await request.queue.get()
+                text = request.take_text()
+                if text:
+                    yield text
+                if request.finished:
+                    return
+        finally:
+            self.cancel(request)
+
+    async def complete(self, request: Request) -> Request:
+        async for _ in self.stream(request):
+            pass
+        return request
+
+
+__all__ = ["Engine", "Request", "SamplingParams", "Scheduler", "max_positions"]

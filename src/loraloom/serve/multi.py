@@ -1,0 +1,184 @@
+"""Many LoRA adapters in one batch: every row of the batch runs through its own adapter.
+
+An adapter here is a ``LoraWeights``: per target layer its (A: r x d_in, B: d_out x r, scaling). It comes
+from the hub's ``ModuleBank`` format: a bank of one module is one adapter, and a weight vector over a bank
+of N modules is the composed adapter (Σ w_i·A_i, Σ w_i·B_i) (LoraHub without a merge).
+
+``MultiLora`` installs a ``MultiLoraLayer`` in every layer any adapter targets. Before a forward pass,
+``set_rows`` names each row's adapter (``None`` for the base model). For each layer the distinct adapters of
+the batch are stacked once (A: S x R x d_in, B: S x d_out x R, R the largest rank among them, smaller
+ranks zero-padded, the scaling folded into B), and each forward runs one gather and two batched matmuls:
+
+    delta[b] = (x[b] @ A[slot[b]]^T) @ B[slot[b]]^T
+
+for prefill (x: rows x T x d_in) and decode (T = 1) alike, with no Python loop over adapters (punica's
+BGMV / SGMV in plain torch). Zero padding adds exact zeros, so each row gets what it would alone.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..adapters.base import AdapterError, AdapterLayer, layer_dims
+from ..adapters.inject import set_submodule
+from ..hub.bank import ModuleBank
+
+
+@dataclass(eq=False)  # compared by identity: the batch plan is rebuilt when the set of objects changes
+class LoraWeights:
+    """One adapter as the batched layers use it: layer path -> (A r x d_in, B d_out x r, scaling)."""
+
+    name: str
+    layers: dict[str, tuple[torch.Tensor, torch.Tensor, float]]
+
+    @classmethod
+    def from_bank(
+        cls, bank: ModuleBank, weights: torch.Tensor | Sequence[float] | None = None, name: str | None = None
+    ) -> LoraWeights:
+        """The bank's only module (``weights`` None), or the composition Σ w_i·A_i, Σ w_i·B_i of its modules."""
+        if weights is None:
+            if len(bank) != 1:
+                raise ValueError(f"a bank of {len(bank)} modules is one adapter only with weights over its modules")
+            layers = {n: (bank.A[n][0], bank.B[n][0], bank.scaling[n]) for n in bank.layers}
+        else:
+            layers = {n: (a, b, bank.scaling[n]) for n, (a, b) in bank.composed(weights).items()}
+        return cls(name=name or bank.names[0], layers=layers)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(a.nbytes + b.nbytes for a, b, _ in self.layers.values())
+
+
+def lora_rows(x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, slot: torch.Tensor) -> torch.Tensor:
+    """Row b of ``x`` (rows x ... x d_in) through adapter ``slot[b]`` of the stacks A (S x R x d_in), B (S x d_out x R)."""
+    rows = x.reshape(x.shape[0], -1, x.shape[-1])  # rows x T x d_in
+    a = A.index_select(0, slot)  # rows x R x d_in
+    b = B.index_select(0, slot)  # rows x d_out x R
+    h = torch.bmm(rows, a.transpose(1, 2))
+    return torch.bmm(h, b.transpose(1, 2)).reshape(*x.shape[:-1], B.shape[1])
+
+
+class MultiLoraLayer(AdapterLayer):
+    """A base layer plus one LoRA adapter per batch row, from stacks that ``MultiLora.set_rows`` sets."""
+
+    def __init__(self, base_layer: nn.Module) -> None:
+        super().__init__(base_layer)
+        self.A: torch.Tensor | None = None  # S x R x d_in
+        self.B: torch.Tensor | None = None  # S x d_out x R, scaling folded in
+        self.slot: torch.Tensor | None = None  # one slot index per row
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.base_layer(x)
+        if self.A is None:
+            return y
+        xa = x.to(self.A.dtype)
+        if self.A.shape[0] == 1:  # one adapter for every row: two plain matmuls, no gather
+            delta = F.linear(F.linear(xa, self.A[0]), self.B[0])
+        else:
+            if x.shape[0] != self.slot.shape[0]:
+                raise AdapterError(f"batch of {x.shape[0]} rows but set_rows named {self.slot.shape[0]} adapters")
+            delta = lora_rows(xa, self.A, self.B, self.slot)
+        return y + delta.to(y.dtype)
+
+    def delta_weight(self) -> torch.Tensor:
+        raise AdapterError("a multi-adapter layer holds one adapter per row; there is no single delta to merge")
+
+    def extra_repr(self) -> str:
+        slots = 0 if self.A is None else self.A.shape[0]
+        return f"{super().extra_repr()}, slots={slots}"
+
+
+class MultiLora:
+    """Batched multi-adapter LoRA installed in a model; ``set_rows`` before each forward pass.
+
+    Layers are installed on first use by an adapter that targets them (shapes checked against the base),
+    so adapters can be added while the model serves; ``remove`` puts the base layers back.
+    """
+
+    def __init__(self, model: nn.Module) -> None:
+        self.model = model
+        self.layers: dict[str, MultiLoraLayer] = {}
+        self._plan_key: tuple | None = None
+        w = next(model.parameters())
+        self.device, self.dtype = w.device, w.dtype
+
+    def check(self, adapter: LoraWeights) -> None:
+        """Every layer of ``adapter`` exists in the model as a linear layer of matching shape."""
+        for name, (a, b, _) in adapter.layers.items():
+            layer = self.layers.get(name)
+            if layer is None:
+                try:
+                    layer = self.model.get_submodule(name)
+                except AttributeError:
+                    raise AdapterError(
+                        f"adapter {adapter.name}: layer {name!r} does not exist in {type(self.model).__name__}"
+                    ) from None
+                if isinstance(layer, AdapterLayer):
+                    raise AdapterError(f"layer {name!r} already carries an adapter; merge_and_unload it first")
+            d_in, d_out = layer_dims(getattr(layer, "base_layer", layer))
+            if a.shape[1] != d_in or b.shape[0] != d_out or a.shape[0] != b.shape[1]:
+                raise AdapterError(
+                    f"adapter {adapter.name}: layer {name!r} has A {tuple(a.shape)}, B {tuple(b.shape)} but the base "
+                    f"layer maps {d_in} -> {d_out} (adapter for a different base model?)"
+                )
+
+    def _install(self, names: Sequence[str]) -> None:
+        for name in names:
+            if name not in self.layers:
+                layer = MultiLoraLayer(self.model.get_submodule(name))
+                set_submodule(self.model, name, layer)
+                self.layers[name] = layer
+
+    def set_rows(self, rows: Sequence[LoraWeights | None]) -> None:
+        """Row i of the next batches runs through ``rows[i]`` (``None``: the base model alone)."""
+        distinct = list({id(r): r for r in rows if r is not None}.values())
+        key = tuple(id(r) if r is not None else None for r in rows)
+        if key == self._plan_key:
+            return
+        for adapter in distinct:
+            self.check(adapter)
+        self._install(sorted({n for adapter in distinct for n in adapter.layers}))
+        # Slots: the distinct adapters in order of first appearance, then a zero slot for base rows.
+        slots: list[LoraWeights | None] = distinct + ([None] if any(r is None for r in rows) else [])
+        slot_of = {id(a): i for i, a in enumerate(slots) if a is not None}
+        slot = torch.tensor([slot_of[id(r)] if r is not None else len(slots) - 1 for r in rows], device=self.device)
+        for name, layer in self.layers.items():
+            parts = [a.layers.get(name) if a is not None else None for a in slots]
+            if all(p is None for p in parts):
+                layer.A = layer.B = layer.slot = None
+                continue
+            rank = max(p[0].shape[0] for p in parts if p is not None)
+            A = torch.zeros(len(slots), rank, layer.in_features, device=self.device, dtype=self.dtype)
+            B = torch.zeros(len(slots), layer.out_features, rank, device=self.device, dtype=self.dtype)
+            for i, p in enumerate(parts):
+                if p is not None:
+                    a, b, scaling = p
+                    A[i, : a.shape[0]] = a
+                    B[i, :, : b.shape[1]] = b * scaling
+            layer.A, layer.B, layer.slot = A, B, slot
+        self._plan_key = key
+        # Keep the adapters alive while the plan refers to them by id.
+        self._plan_adapters = distinct
+
+    def clear(self) -> None:
+        """Every row runs the base model until ``set_rows`` is called again."""
+        for layer in self.layers.values():
+            layer.A = layer.B = layer.slot = None
+        self._plan_key = None
+
+    def remove(self) -> nn.Module:
+        """Put the base layers back; returns the model."""
+        for name, layer in self.layers.items():
+            if self.model.get_submodule(name) is layer:
+                set_submodule(self.model, name, layer.base_layer)
+        self.layers.clear()
+        self._plan_key = None
+        return self.model
+
+
+__all__ = ["LoraWeights", "MultiLora", "MultiLoraLayer", "lora_rows"]
