@@ -12,8 +12,9 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install --quiet -e ".[dev]"
 	touch $(STAMP)
 
+# LoraHub on the built-in zoo (`loraloom demo`); the LoRA walk-through is `loraloom demo lora`.
 demo: $(STAMP)
-	$(PY) -m loraloom.demo
+	$(PY) -m loraloom demo
 
 test: $(STAMP)
 	$(PY) -m ruff check src tests benchmarks

@@ -7,7 +7,7 @@ import json
 import pytest
 
 from loraloom.cli import inspect_folder
-from loraloom.demo import WORDS, make_examples, run_demo, train_tokenizer
+from loraloom.demo import WORDS, make_examples, parse_seeds, run_lora_demo, train_tokenizer
 
 
 def test_toy_tasks():
@@ -39,7 +39,7 @@ def test_train_tokenizer_round_trips():
 def test_demo_lora_learns_the_new_task(tmp_path):
     out = tmp_path / "demo"
     # (seen: base copy 66%, reverse 64%; shift 0% -> 51% in ~20 s on a busy 2-core machine)
-    result = run_demo(out, pretrain_steps=500, lora_steps=120, n_train=600, n_test=100, n_words=6, progress=False)
+    result = run_lora_demo(out, pretrain_steps=500, lora_steps=120, n_train=600, n_test=100, n_words=6, progress=False)
     assert result.base_scores["copy"] > 0.3, "the pre-trained base should have learned to copy"
     assert result.before == result.base_scores["shift"] < 0.05  # the base cannot know the new task
     assert result.after >= result.before + 0.3, f"LoRA did not learn: {result.before:.2f} -> {result.after:.2f}"
@@ -51,3 +51,11 @@ def test_demo_lora_learns_the_new_task(tmp_path):
     info = inspect_folder(out / "adapter")
     assert info["peft_type"] == "LORA" and info["trainable_params"] == result.adapter_params
     assert (out / "base" / "model.safetensors").is_file() and (out / "base" / "tokenizer.json").is_file()
+
+
+def test_parse_seeds():
+    assert parse_seeds("1-5") == [1, 2, 3, 4, 5]
+    assert parse_seeds("1,3") == [1, 3]
+    assert parse_seeds("2-3,7") == [2, 3, 7]
+    with pytest.raises(ValueError, match="--seeds 'x'"):
+        parse_seeds("x")

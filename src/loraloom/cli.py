@@ -39,6 +39,7 @@ from .adapters.peft_format import (
     read_json_object,
 )
 from .data import TASKS, Example, default_label2id, load_examples
+from .demo import add_demo_arguments
 from .evaluate import evaluate
 from .experiment import DEFAULT_METHODS, METHODS, ExperimentSettings, experiment, load_results, report
 from .hub import DEFAULT_POPULATION, lorahub
@@ -454,6 +455,32 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_demo(args: argparse.Namespace) -> int:
+    from .demo import run_from_args
+
+    run_from_args(args)
+    return 0
+
+
+def cmd_zoo_build(args: argparse.Namespace) -> int:
+    from .zoo.build import ARTIFACTS, build
+
+    build(args.out or ARTIFACTS, args.work, progress=not args.quiet)
+    return 0
+
+
+def cmd_zoo_verify(args: argparse.Namespace) -> int:
+    from .zoo.build import ARTIFACTS
+    from .zoo.verify import verify
+
+    report = verify(args.dir or ARTIFACTS)
+    print(
+        f"zoo ok: {report.folder}: {report.files} files ({report.bytes / 1e6:.1f} MB) match the manifest; "
+        f"base loads; {report.modules} modules; {report.held_out} held-out tasks"
+    )
+    return 0
+
+
 # ---- the parser --------------------------------------------------------------------------------
 
 
@@ -579,6 +606,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("run_dir", metavar="RUN_DIR")
     p.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
     p.set_defaults(run=cmd_report)
+
+    p = sub.add_parser("demo", help="LoraHub on the built-in zoo (the main job); `demo lora`: the LoRA walk-through")
+    add_demo_arguments(p)
+    p.set_defaults(run=cmd_demo)
+
+    p = sub.add_parser("zoo", help="the built-in demo world: build it from seeds, or verify the shipped one")
+    zoo = p.add_subparsers(dest="zoo_command", required=True, metavar="ZOO_COMMAND")
+    q = zoo.add_parser("build", help="rebuild the base model and modules (resumable; ~10 min on 2 cores)")
+    q.add_argument("--out", metavar="DIR", help="where the artifacts go (default: the package's zoo/artifacts)")
+    q.add_argument("--work", default="zoo_work", metavar="DIR", help="checkpoints, to resume (default: %(default)s)")
+    q.add_argument("--quiet", action="store_true", help="no progress bars")
+    q.set_defaults(run=cmd_zoo_build)
+    q = zoo.add_parser("verify", help="check the shipped (or a built) zoo against its manifest's SHA-256s")
+    q.add_argument("dir", nargs="?", metavar="DIR", help="default: the package's zoo/artifacts")
+    q.set_defaults(run=cmd_zoo_verify)
 
     return parser
 
