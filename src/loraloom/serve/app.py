@@ -177,6 +177,7 @@ def create_app(engine: Engine, cache: AdapterCache) -> FastAPI:
         return await _respond(request, body, http, chat=True)
 
     async def _admit(body: _Generation, ids: list[int], default_max_tokens: int | None) -> Request:
+        scheduler.start()  # idempotent: for hosts that skip the lifespan events
         adapter = await _adapter(body)
         max_tokens = body.max_tokens or default_max_tokens
         if max_tokens is None:  # chat: up to the end of the context
