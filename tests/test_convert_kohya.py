@@ -186,3 +186,49 @@ def test_cli_convert_both_ways_with_a_saved_pipeline(tmp_path, capsys):
 
     assert main(["convert", str(tmp_path / "sd.safetensors"), str(tmp_path / "x")]) == 2
     assert "needs --base" in capsys.readouterr().err
+
+
+def tiny_clip_text_with_projection():
+    """SDXL's second text encoder: CLIP with its projection (whose layers keep the text_model. level)."""
+    from transformers import CLIPTextConfig, CLIPTextModelWithProjection
+
+    torch.manual_seed(5)
+    cfg = CLIPTextConfig(
+        vocab_size=128,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=1,
+        num_attention_heads=4,
+        max_position_embeddings=16,
+        projection_dim=16,
+    )
+    return CLIPTextModelWithProjection(cfg).eval()
+
+
+def test_two_text_encoders_are_te1_and_te2(tmp_path):
+    torch.manual_seed(0)
+    config = ll.LoraConfig(r=2, target_modules=[*CLIP_TARGETS, "text_projection"], init_lora_weights=False)
+    te2 = ll.add_adapter(tiny_clip_text_with_projection(), config, verbose=False)
+    te1 = ll.add_adapter(
+        tiny_clip_text(), ll.LoraConfig(r=2, target_modules=CLIP_TARGETS, init_lora_weights=False), verbose=False
+    )
+    ll.save_adapter(te1, tmp_path / "peft" / "text_encoder")
+    ll.save_adapter(te2, tmp_path / "peft" / "text_encoder_2")
+    file = peft_to_kohya(
+        {"text_encoder": tmp_path / "peft" / "text_encoder", "text_encoder_2": tmp_path / "peft" / "text_encoder_2"},
+        tmp_path / "xl.safetensors",
+    )
+    keys = load_file(file)
+    assert "lora_te1_text_model_encoder_layers_0_self_attn_q_proj.lora_down.weight" in keys
+    assert "lora_te2_text_model_encoder_layers_0_self_attn_q_proj.lora_down.weight" in keys
+    assert "lora_te2_text_projection.alpha" in keys
+    written = kohya_to_peft(
+        file, {"text_encoder": tiny_clip_text(), "text_encoder_2": tiny_clip_text_with_projection()}, tmp_path / "out"
+    )
+    back = ll.load_adapter(tiny_clip_text_with_projection(), written["text_encoder_2"], verbose=False)
+    with torch.no_grad():
+        ids = torch.randint(3, 128, (2, 7), generator=torch.Generator().manual_seed(2))
+        torch.testing.assert_close(back(input_ids=ids).text_embeds, te2(input_ids=ids).text_embeds, atol=1e-5, rtol=0)
+    torch.testing.assert_close(
+        clip_out(ll.load_adapter(tiny_clip_text(), written["text_encoder"], verbose=False)), clip_out(te1)
+    )

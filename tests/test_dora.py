@@ -16,7 +16,7 @@ from torch import nn
 
 import loraloom as ll
 from loraloom.adapters import adapter_layers
-from loraloom.adapters.lora import LoraLayer
+from loraloom.adapters.lora import LoraLayer, lora_delta
 
 ARCHS = list(FACTORIES)
 
@@ -176,3 +176,26 @@ def test_dora_layer_math_matches_the_formula():
     adapted = base.weight + 2.0 * layer.lora_B.weight @ layer.lora_A.weight
     w = layer.lora_magnitude_vector[:, None] * adapted / adapted.norm(dim=1, keepdim=True)
     torch.testing.assert_close(layer(x), x @ w.T + base.bias, atol=1e-5, rtol=0)
+
+
+def test_lora_delta_takes_one_module_or_a_stack():
+    g = torch.Generator().manual_seed(0)
+    a, b = torch.randn(3, 4, 6, generator=g), torch.randn(3, 5, 4, generator=g)
+    stacked = lora_delta(a, b, 0.5)
+    assert stacked.shape == (3, 5, 6)
+    for p in range(3):
+        torch.testing.assert_close(stacked[p], lora_delta(a[p], b[p], 0.5))
+        torch.testing.assert_close(stacked[p], 0.5 * b[p] @ a[p])
+
+
+def test_bf16_dora_model_runs_merges_and_unmerges():
+    model = tiny_llama().to(torch.bfloat16)
+    ll.add_adapter(model, ll.LoraConfig(r=4, use_dora=True, init_lora_weights=False), verbose=False)
+    x = model_inputs("llama")
+    with torch.no_grad():
+        out = model(**x).logits
+        assert out.dtype == torch.bfloat16 and torch.isfinite(out).all()
+        ll.merge(model)
+        torch.testing.assert_close(model(**x).logits.float(), out.float(), atol=0.1, rtol=0.05)
+        ll.unmerge(model)
+        torch.testing.assert_close(model(**x).logits.float(), out.float(), atol=0.1, rtol=0.05)
