@@ -210,6 +210,7 @@ def install_layers(model: nn.Module, layers: dict[str, AdapterLayer]) -> None:
         if layer.base_layer is not current:
             raise AdapterError(f"layer {name!r}: the adapter layer was built for another module")
     for name, layer in layers.items():
+        layer.train(layer.base_layer.training)  # new sub-modules (dropout) follow the model's train/eval mode
         set_submodule(model, name, layer)
 
 

@@ -118,12 +118,24 @@ def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     return out
 
 
+def peft_bias_aliases(model: nn.Module, config: AdapterConfig) -> dict[str, torch.Tensor]:
+    """With bias="all", PEFT also writes each modules_to_save bias under the trained copy's name
+    (``<module>.modules_to_save.<bias>``) and loads it from there: copies under those names."""
+    saved = modules_to_save_of(model, config) if getattr(config, "bias", "none") == "all" else []
+    out = {}
+    for name in trainable_biases(model, config):
+        module = next((m for m in saved if name.startswith(m + ".")), None)
+        if module is not None:
+            out[f"{KEY_PREFIX}{module}.modules_to_save.{name[len(module) + 1 :]}"] = model.get_parameter(name).clone()
+    return out
+
+
 def save_adapter(model: nn.Module, out_dir: str | os.PathLike) -> Path:
     """Save the model's adapter as a PEFT folder that ``PeftModel.from_pretrained`` loads."""
     config = get_config(model)
     if any(layer.merged for _, layer in adapter_layers(model)):
         raise AdapterError("the adapter is merged into the base weights; unmerge(model) before saving it")
-    return write_adapter_folder(out_dir, config, adapter_state_dict(model))
+    return write_adapter_folder(out_dir, config, {**adapter_state_dict(model), **peft_bias_aliases(model, config)})
 
 
 # ---- reading ---------------------------------------------------------------------------------
