@@ -43,7 +43,7 @@ def perturb_(model: torch.nn.Module, seed: int = 7) -> None:
     """Stand-in for training: move every adapter parameter (and trained bias) off its init."""
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
-        for name, p in model.named_parameters():
+        for p in model.parameters():
             if p.requires_grad:
                 p.add_(torch.randn(p.shape, generator=g) * 0.2)
 
@@ -138,7 +138,9 @@ def test_layer_selection_is_what_the_fields_say(tmp_path):
         "decoder.block.1.layer.1.EncDecAttention.q",
     ]
     model = ll.add_adapter(
-        FACTORIES["llama"](), ll.LoraConfig(target_modules=["q_proj", "k_proj"], exclude_modules=["k_proj"]), verbose=False
+        FACTORIES["llama"](),
+        ll.LoraConfig(target_modules=["q_proj", "k_proj"], exclude_modules=["k_proj"]),
+        verbose=False,
     )
     assert all(name.endswith("q_proj") for name in adapted(model)) and len(adapted(model)) == 2
 
