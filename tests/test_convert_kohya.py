@@ -141,10 +141,6 @@ def test_bad_kohya_files_name_the_problem(tmp_path):
     )
     with pytest.raises(ll.AdapterError, match="match no layer of UNet2DConditionModel.*no_such_layer"):
         kohya_to_peft(tmp_path / "a.safetensors", models(), tmp_path / "out")
-    sgm = "lora_unet_input_blocks_1_1_proj_in"
-    save_file({f"{sgm}.lora_down.weight": down, f"{sgm}.lora_up.weight": up}, tmp_path / "s.safetensors")
-    with pytest.raises(ll.AdapterError, match="LDM/SGM.*input_blocks_1_1_proj_in"):
-        kohya_to_peft(tmp_path / "s.safetensors", models(), tmp_path / "out")
     name = "lora_te_text_model_encoder_layers_0_self_attn_q_proj"
     save_file({f"{name}.lora_down.weight": down, f"{name}.lora_up.weight": up}, tmp_path / "b.safetensors")
     with pytest.raises(ll.AdapterError, match=r"text_encoder.*no such model was given"):
@@ -232,3 +228,68 @@ def test_two_text_encoders_are_te1_and_te2(tmp_path):
     torch.testing.assert_close(
         clip_out(ll.load_adapter(tiny_clip_text(), written["text_encoder"], verbose=False)), clip_out(te1)
     )
+
+
+# The original SD UNet's names for the tiny UNet's layers (layers_per_block=1: each down block is one
+# input_blocks entry per layer plus one for its downsampler; each up block has two output_blocks entries).
+SGM_NAMES = {
+    "input_blocks_0_0": "conv_in",
+    "time_embed_0": "time_embedding.linear_1",
+    "input_blocks_1_0_in_layers_2": "down_blocks.0.resnets.0.conv1",
+    "input_blocks_1_0_emb_layers_1": "down_blocks.0.resnets.0.time_emb_proj",
+    "input_blocks_1_1_proj_in": "down_blocks.0.attentions.0.proj_in",
+    "input_blocks_1_1_transformer_blocks_0_attn1_to_q": "down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q",
+    "input_blocks_2_0_op": "down_blocks.0.downsamplers.0.conv",
+    "input_blocks_3_0_skip_connection": "down_blocks.1.resnets.0.conv_shortcut",
+    "middle_block_1_transformer_blocks_0_attn2_to_k": "mid_block.attentions.0.transformer_blocks.0.attn2.to_k",
+    "middle_block_2_out_layers_3": "mid_block.resnets.1.conv2",
+    "output_blocks_0_0_skip_connection": "up_blocks.0.resnets.0.conv_shortcut",
+    "output_blocks_1_1_conv": "up_blocks.0.upsamplers.0.conv",
+    "output_blocks_3_1_transformer_blocks_0_ff_net_2": "up_blocks.1.attentions.1.transformer_blocks.0.ff.net.2",
+    "out_2": "conv_out",
+}
+
+
+def kohya_file(path, layers: dict[str, str], unet, seed: int = 4) -> None:
+    """Random rank-2 LoRA tensors, alpha 1 (scale 0.5), in kohya's fp16, for {kohya UNet layer name: the
+    diffusers module it adapts (for its shape)}."""
+    g = torch.Generator().manual_seed(seed)
+    tensors = {}
+    for name, module_path in layers.items():
+        base = unet.get_submodule(module_path)
+        kernel = tuple(base.weight.shape[2:])
+        d_in, d_out = (base.in_channels, base.out_channels) if kernel else (base.in_features, base.out_features)
+        tensors[f"lora_unet_{name}.lora_down.weight"] = torch.randn(2, d_in, *kernel, generator=g).half()
+        tensors[f"lora_unet_{name}.lora_up.weight"] = torch.randn(d_out, 2, *(1,) * len(kernel), generator=g).half()
+        tensors[f"lora_unet_{name}.alpha"] = torch.tensor(1.0, dtype=torch.float16)
+    save_file(tensors, path)
+
+
+def diffusers_loaded(path):
+    """The tiny UNet with the kohya file loaded by diffusers' own converter and loader (the oracle)."""
+    from diffusers import StableDiffusionPipeline
+
+    unet = tiny_unet()
+    state, alphas = StableDiffusionPipeline.lora_state_dict(load_file(path), unet_config=unet.config)
+    StableDiffusionPipeline.load_lora_into_unet(state, alphas, unet=unet)
+    return unet
+
+
+def test_original_sd_block_names_map_to_the_diffusers_layers(tmp_path):
+    kohya_file(tmp_path / "sgm.safetensors", SGM_NAMES, tiny_unet())
+    config = ll.read_adapter(kohya_to_peft(tmp_path / "sgm.safetensors", models(), tmp_path / "out")["unet"])[0]
+    assert sorted(config.target_modules) == sorted(SGM_NAMES.values())
+
+
+@pytest.mark.parametrize("style", ["diffusers", "sgm"])
+def test_kohya_file_matches_diffusers_own_loader(style, tmp_path):
+    if style == "sgm":  # diffusers maps an upsampler outside attention blocks wrongly: leave it out
+        layers = {name: path for name, path in SGM_NAMES.items() if name != "output_blocks_1_1_conv"}
+    else:
+        layers = {path.replace(".", "_"): path for path in SGM_NAMES.values()}
+    kohya_file(tmp_path / "k.safetensors", layers, tiny_unet())
+    written = kohya_to_peft(tmp_path / "k.safetensors", models(), tmp_path / "out")
+    ours = ll.load_adapter(tiny_unet(), written["unet"], verbose=False)
+    expected = unet_out(diffusers_loaded(tmp_path / "k.safetensors"))
+    assert (expected - unet_out(tiny_unet())).abs().max() > 1e-2
+    torch.testing.assert_close(unet_out(ours), expected, atol=1e-5, rtol=0)

@@ -4,9 +4,11 @@ A kohya file is one .safetensors holding, per adapted layer, ``<name>.lora_down.
 ``<name>.lora_up.weight`` (B) and ``<name>.alpha`` (the layer's scale is alpha / rank; no alpha means
 alpha = rank). ``<name>`` is ``lora_unet_`` / ``lora_te_`` (SDXL: ``lora_te1_``, ``lora_te2_``) followed
 by the layer's path in the diffusers UNet or the transformers CLIP text encoder with every "." written
-as "_" (kohya's sd-scripts name them so). "_" is also inside names (``down_blocks``, ``to_q``), so the
-path cannot be read back from the name alone: it is looked up among the target model's own layers.
-diffusers' converter (``loaders/lora_conversion_utils.py``) does the same with string rewrite rules.
+as "_" (kohya's sd-scripts name them so; for SDXL it uses the original SD UNet's names, ``input_blocks``,
+``middle_block``, ``output_blocks``, which ``sgm_block_paths`` relates to the diffusers UNet's). "_" is
+also inside names (``down_blocks``, ``to_q``), so the path cannot be read back from the name alone: it is
+looked up among the target model's own layers, under both namings. diffusers' converter
+(``loaders/lora_conversion_utils.py``) does the same with string rewrite rules.
 
 One PEFT folder is written per model (``unet``, ``text_encoder``, ``text_encoder_2``); per-layer ranks
 and alphas that differ from the most common ones go into ``rank_pattern`` / ``alpha_pattern``.
@@ -56,15 +58,6 @@ def _key_style(keys: list[str]) -> str:
     return "an unknown key style"
 
 
-def _model_hint(unknown: list[str]) -> str:
-    if any(n.startswith(("input_blocks", "middle_block", "output_blocks")) for n in unknown):
-        return (
-            "these are original-SD (LDM/SGM) block names, as kohya's sd-scripts writes for SDXL; not supported: "
-            "convert the file with diffusers first"
-        )
-    return "a LoRA for another model?"
-
-
 def read_kohya(path: str | os.PathLike) -> dict[str, dict[str, dict[str, torch.Tensor]]]:
     """component -> kohya layer name (prefix stripped) -> {"down", "up", "alpha"?} from a kohya file.
 
@@ -109,15 +102,85 @@ def kohya_path(component: str, module_path: str) -> str:
     return module_path
 
 
+# Layers inside a resnet block: diffusers name -> original-SD (LDM/SGM) name.
+SGM_RESNET_LAYERS = {
+    "conv1": "in_layers.2",
+    "time_emb_proj": "emb_layers.1",
+    "conv2": "out_layers.3",
+    "conv_shortcut": "skip_connection",
+}
+
+
+def sgm_block_paths(unet: nn.Module) -> dict[str, str]:
+    """diffusers UNet block / layer path -> the original Stable Diffusion (LDM, SGM) path of the same module.
+
+    SD's own UNet numbers its blocks in one sequence: ``input_blocks.0.0`` is conv_in; then, per down
+    block, one ``input_blocks.k`` per layer ([resnet, attention]) and one for the downsampler
+    (``.0.op``); ``middle_block.0/1/2`` are resnet, attention, resnet; ``output_blocks.k`` hold
+    [resnet, attention, upsampler] per up-block layer. kohya's sd-scripts names SDXL LoRA keys this way.
+    """
+    out = {
+        "conv_in": "input_blocks.0.0",
+        "time_embedding.linear_1": "time_embed.0",
+        "time_embedding.linear_2": "time_embed.2",
+        "add_embedding.linear_1": "label_emb.0.0",
+        "add_embedding.linear_2": "label_emb.0.2",
+        "conv_out": "out.2",
+        "mid_block.resnets.0": "middle_block.0",
+        "mid_block.attentions.0": "middle_block.1",
+        "mid_block.resnets.1": "middle_block.2",
+    }
+    k = 1
+    for i, block in enumerate(getattr(unet, "down_blocks", [])):
+        attention = getattr(block, "attentions", None)
+        for j in range(len(block.resnets)):
+            out[f"down_blocks.{i}.resnets.{j}"] = f"input_blocks.{k}.0"
+            if attention is not None:
+                out[f"down_blocks.{i}.attentions.{j}"] = f"input_blocks.{k}.1"
+            k += 1
+        if getattr(block, "downsamplers", None) is not None:
+            out[f"down_blocks.{i}.downsamplers.0.conv"] = f"input_blocks.{k}.0.op"
+            k += 1
+    k = 0
+    for i, block in enumerate(getattr(unet, "up_blocks", [])):
+        attention = getattr(block, "attentions", None)
+        for j in range(len(block.resnets)):
+            out[f"up_blocks.{i}.resnets.{j}"] = f"output_blocks.{k}.0"
+            if attention is not None:
+                out[f"up_blocks.{i}.attentions.{j}"] = f"output_blocks.{k}.1"
+            k += 1
+        if getattr(block, "upsamplers", None) is not None:  # in the block's last layer, after the attention
+            out[f"up_blocks.{i}.upsamplers.0.conv"] = f"output_blocks.{k - 1}.{2 if attention is not None else 1}.conv"
+    return out
+
+
+def sgm_path(blocks: dict[str, str], module_path: str) -> str | None:
+    """The original-SD path of a diffusers UNet layer (``blocks`` from ``sgm_block_paths``), or None."""
+    parts = module_path.split(".")
+    for n in range(len(parts), 0, -1):
+        prefix = ".".join(parts[:n])
+        if prefix in blocks:
+            rest = parts[n:]
+            if ".resnets." in f".{prefix}." and rest:
+                rest = SGM_RESNET_LAYERS.get(rest[0], rest[0]).split(".") + rest[1:]
+            return ".".join([blocks[prefix], *rest])
+    return None
+
+
 def kohya_layer_names(model: nn.Module, component: str = "unet") -> dict[str, str]:
-    """kohya name (path with "." -> "_", prefix excluded) -> module path, for every layer LoRA can adapt."""
+    """kohya name (path with "." -> "_", prefix excluded) -> module path, for every layer LoRA can adapt.
+
+    A UNet's layers are also found under their original-SD (LDM/SGM) names, as SDXL files use them.
+    """
+    blocks = sgm_block_paths(model) if component == "unet" else {}
     names: dict[str, str] = {}
     for path, module in model.named_modules():
         if path and isinstance(module, LoraConfig.layer_types):
-            flat = kohya_path(component, path).replace(".", "_")
-            if flat in names:
-                raise AdapterError(f"layers {names[flat]!r} and {path!r} have the same kohya name {flat!r}")
-            names[flat] = path
+            aliases = [kohya_path(component, path), sgm_path(blocks, path)]
+            for flat in {a.replace(".", "_") for a in aliases if a}:
+                if flat in names:
+                    raise AdapterError(f"layers {names[flat]!r} and {path!r} have the same kohya name {flat!r}")
+                names[flat] = path
     return names
 
 
@@ -152,7 +215,7 @@ def kohya_to_peft(path: str | os.PathLike, models: dict[str, nn.Module], out_dir
         if unknown:
             raise AdapterError(
                 f"{path}: {len(unknown)} {component} layer names match no layer of {type(model).__name__} "
-                f"({_model_hint(unknown)}): {_few(unknown)}"
+                f"(a LoRA for another model?): {_few(unknown)}"
             )
         tensors, ranks, alphas = {}, {}, {}
         for flat, parts in layers.items():
@@ -311,6 +374,8 @@ __all__ = [
     "kohya_layer_names",
     "kohya_path",
     "kohya_to_peft",
+    "sgm_block_paths",
+    "sgm_path",
     "model_skeleton",
     "peft_to_kohya",
     "pipeline_skeletons",
