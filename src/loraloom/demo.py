@@ -307,9 +307,8 @@ def run_hub_demo(
     ``zoo``: an artifacts folder (default: the one shipped in the package), checked with
     ``zoo verify`` first. ``tasks``: held-out task names (default: the manifest's demo tasks).
     """
-    from . import experiment as run_experiment_module  # the harness sits on top of the public API
     from .data import load_examples
-    from .experiment import Task
+    from .experiment import Task, experiment, report  # the harness: imported only when the demo runs
     from .zoo.build import ARTIFACTS
     from .zoo.verify import read_manifest, verify
 
@@ -330,7 +329,7 @@ def run_hub_demo(
         f"LoraHub demo: {len(task_list)} held-out tasks x {len(list(seeds))} seeds, {len(pool)} modules in the "
         f"pool, methods {', '.join(methods)}; output in {out_dir}"
     )
-    results = run_experiment_module.experiment(
+    results = experiment(
         base=str(zoo / "base"),
         pool=pool,
         tasks=task_list,
@@ -340,9 +339,9 @@ def run_hub_demo(
         settings=settings,
         progress=progress,
     )
-    report = run_experiment_module.report(str(out_dir))
+    report_path = report(str(out_dir))
     say("\n" + results.markdown())
-    say(f"\nreport: {report}  (demo wall time {time.perf_counter() - t0:.0f}s)")
+    say(f"\nreport: {report_path}  (demo wall time {time.perf_counter() - t0:.0f}s)")
     return results
 
 
