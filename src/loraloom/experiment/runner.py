@@ -40,7 +40,7 @@ POOL_FIELDS = ("peft_type", "r", "lora_alpha", "use_rslora", "target_modules", "
 def experiment(
     base: str | os.PathLike,
     pool: str | os.PathLike | Sequence[str | os.PathLike] | None = None,
-    tasks: str | os.PathLike | Sequence[Task] = "bbh:download",
+    tasks: str | os.PathLike | Sequence[Task] | None = None,
     methods: Sequence[str] | str = DEFAULT_METHODS,
     seeds: Sequence[int] = (1, 2, 3, 4, 5),
     out: str | os.PathLike = "run",
@@ -70,6 +70,8 @@ def experiment(
     settings = settings if settings is not None else ExperimentSettings()
     if not isinstance(settings, ExperimentSettings):
         raise TypeError(f"settings must be an ExperimentSettings, got {type(settings).__name__}")
+    if tasks is None:
+        raise ValueError("no tasks given: pass tasks='bbh:DIR', 'bbh:download', 'jsonl:DIR' or a list of Task")
     methods = check_methods(methods)
     seeds = check_seeds(seeds)
     task_list = load_tasks(tasks, task_filter)

@@ -117,9 +117,12 @@ class Store:
     def write(self, row: dict[str, Any]) -> None:
         """Insert or replace one cell (attempts counted up from a stored failure) and commit."""
         key = tuple(row[c] for c in COLUMNS[:5])
-        previous = self.statuses().get(key)
+        previous = self.db.execute(
+            "SELECT attempts FROM cells WHERE task = ? AND method = ? AND seed = ? AND run = ? AND settings_hash = ?",
+            key,
+        ).fetchone()
         values = dict(row)
-        values["attempts"] = (previous[1] + 1) if previous else 1
+        values["attempts"] = previous[0] + 1 if previous else 1
         values["finished_at"] = time.time()
         for c in JSON_COLUMNS:
             if values.get(c) is not None:
