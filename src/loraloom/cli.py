@@ -13,6 +13,7 @@ import json
 import math
 import os
 import sys
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -42,7 +43,8 @@ from .data import TASKS, Example, default_label2id, load_examples
 from .demo import add_demo_arguments
 from .evaluate import evaluate
 from .experiment import DEFAULT_METHODS, METHODS, ExperimentSettings, experiment, load_results, report
-from .hub import DEFAULT_POPULATION, lorahub
+from .hub import DEFAULT_MODE, DEFAULT_POPULATION, MODES, LoraHubResult, list_pool, lorahub
+from .hub.search import DEFAULT_BUDGETS, OptimizerError
 from .train import FULL, adapter_config_for, save_full_model, train
 
 MODEL_CLASSES = {
@@ -229,9 +231,41 @@ def cmd_merge(args: argparse.Namespace) -> int:
 
 
 def cmd_compose(args: argparse.Namespace) -> int:
+    """Exit 0 when the search ran its budget; 1 when an optimizer error cut it short, 130 when Ctrl-C did
+    (the best weights so far are saved either way, marked in weights.json); 2 on bad input."""
+    if args.pool is not None:
+        size = len(list_pool(args.pool))
+        if args.num > size:
+            print(f"loraloom: note: --num {args.num}, but the pool holds {size} modules: using all", file=sys.stderr)
+            args.num = size
     examples = load_examples(args.examples, args.input_field, args.target_field)
     model, tokenizer = load_base(args.base, args.task)
-    result = lorahub(
+    with warnings.catch_warnings():
+        warnings.showwarning = _warning_line  # one line each, no source location (restored on exit)
+        try:
+            result = _compose(args, model, tokenizer, examples)
+        except OptimizerError as e:
+            print(f"loraloom: error: {' '.join(str(e).split())}", file=sys.stderr)
+            return 1
+    out = result.save(args.out)
+    print(
+        f"best objective {result.objective:.4f} after {len(result.trace)} evaluations "
+        f"({result.settings['method']}, {len(result.modules)} modules chosen by {result.selection.method})"
+        + ("" if result.complete else ", search cut short")
+    )
+    print(f"wrote {out}/adapter, weights.json, trace.csv, trace.png")
+    if args.merge and not result.interrupted:
+        save_full_model(result.merge(), tokenizer, out / "merged")
+        print(f"merged the composed module into the base: wrote {out / 'merged'}")
+    return 130 if result.interrupted else 0 if result.complete else 1
+
+
+def _warning_line(message, category, filename, lineno, file=None, line=None) -> None:
+    print(f"loraloom: warning: {' '.join(str(message).split())}", file=sys.stderr)
+
+
+def _compose(args: argparse.Namespace, model: nn.Module, tokenizer: Any, examples: list[Example]) -> LoraHubResult:
+    return lorahub(
         model,
         args.modules,
         examples,
@@ -248,16 +282,6 @@ def cmd_compose(args: argparse.Namespace) -> int:
         mode=args.mode,
         progress=True,
     )
-    out = result.save(args.out)
-    print(
-        f"best objective {result.objective:.4f} after {len(result.trace)} evaluations "
-        f"({result.settings['method']}, {len(result.modules)} modules chosen by {result.selection.method})"
-    )
-    print(f"wrote {out}/adapter, weights.json, trace.csv, trace.png")
-    if args.merge:
-        save_full_model(result.merge(), tokenizer, out / "merged")
-        print(f"merged the composed module into the base: wrote {out / 'merged'}")
-    return 0
 
 
 # ---- experiment, report ------------------------------------------------------------------------
@@ -533,21 +557,44 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, metavar="DIR", help="output folder (model + tokenizer)")
     p.set_defaults(run=cmd_merge)
 
-    p = sub.add_parser("compose", parents=[base, fields], help="LoraHub: compose LoRA modules for a new task")
+    p = sub.add_parser(
+        "compose",
+        parents=[base, fields],
+        help="LoraHub: compose LoRA modules for a new task",
+        epilog="exit status: 0 the search ran its budget; 1 an optimizer error cut it short; 130 Ctrl-C cut it "
+        "short (either way the best weights so far are saved, marked in weights.json); 2 bad input",
+    )
     source = p.add_mutually_exclusive_group(required=True)
     source.add_argument("--modules", nargs="+", metavar="DIR", help="LoRA module folders or hub ids")
     source.add_argument("--pool", metavar="DIR", help="a folder of module folders to choose --num from")
-    p.add_argument("--num", type=int, default=20, help="modules to choose from --pool (default: %(default)s)")
+    p.add_argument(
+        "--num",
+        type=int,
+        default=20,
+        help="modules to choose from --pool (default: %(default)s; all of them, with a note, if the pool holds fewer)",
+    )
     p.add_argument("--select", choices=("random", "retrieval"), default="random", help="default: %(default)s")
     p.add_argument("--examples", required=True, metavar="FILE", help="few-shot .jsonl, .json or .csv examples")
-    p.add_argument("--budget", type=int, default=40, help="objective evaluations (default: %(default)s)")
+    p.add_argument(
+        "--budget",
+        type=int,
+        help="objective evaluations, or Adam steps in gradient mode (default: "
+        + ", ".join(f"{mode} {n}" for mode, n in DEFAULT_BUDGETS.items())
+        + ")",
+    )
     p.add_argument("--seed", type=int, default=0, help="default: %(default)s")
     p.add_argument("--optimizer", default="NGOpt", help="a nevergrad optimizer name (default: %(default)s)")
     p.add_argument(
         "--population", type=int, default=DEFAULT_POPULATION, help="candidates a pass (default: %(default)s)"
     )
     p.add_argument("--objective", choices=("mean", "reference"), default="mean", help="default: %(default)s")
-    p.add_argument("--mode", choices=("nevergrad", "gradient"), default="nevergrad", help="default: %(default)s")
+    p.add_argument(
+        "--mode",
+        choices=MODES,
+        default=DEFAULT_MODE,
+        help="gradient: Adam on w; nevergrad: gradient-free (the paper); hybrid: nevergrad then Adam "
+        "(default: %(default)s)",
+    )
     p.add_argument("--bf16", action="store_true", help="evaluate in bfloat16")
     p.add_argument("--out", required=True, metavar="DIR", help="adapter/, weights.json, trace.csv, trace.png")
     p.add_argument("--merge", action="store_true", help="also save the base with the module merged, in OUT/merged")

@@ -202,6 +202,10 @@ def lorahub(
         timings={**timings, "search": found.seconds},
         bank=bank,
         model=model,
+        complete=found.complete,
+        interrupted=found.interrupted,
+        stopped=found.stopped,
+        nonfinite=found.nonfinite,
     )
 
 

@@ -41,6 +41,10 @@ class LoraHubResult:
     timings: dict[str, float] = field(default_factory=dict)  # seconds per phase: load_model, load_modules, search
     bank: ModuleBank | None = field(default=None, repr=False)
     model: nn.Module | None = field(default=None, repr=False)  # the base model, left as it was given
+    complete: bool = True  # False: the search was cut short (see ``stopped``); ``weights`` are the best so far
+    interrupted: bool = False  # cut short by Ctrl-C (KeyboardInterrupt)
+    stopped: str = ""  # why the search was cut short, one line ("" when complete)
+    nonfinite: int = 0  # evaluations whose loss was NaN or inf (objective +inf in the trace)
 
     @property
     def best(self) -> Evaluation:
@@ -74,6 +78,10 @@ class LoraHubResult:
             "settings": self.settings,
             "selection": self.selection.to_dict(),
             "evaluations": len(self.trace),
+            "complete": self.complete,
+            "interrupted": self.interrupted,
+            "stopped": self.stopped,
+            "nonfinite_evaluations": self.nonfinite,
             "seconds": self.seconds,
             "timings": self.timings,
         }
@@ -120,7 +128,14 @@ def plot_trace(result: LoraHubResult, path: str | os.PathLike) -> None:
     fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
     left.plot(range(1, len(values) + 1), values, ".", color="tab:gray", label="evaluation")
     left.plot(range(1, len(values) + 1), best, "-", color="tab:blue", label="best so far")
-    left.set(xlabel="evaluation", ylabel="objective", title=f"LoraHub search ({result.settings.get('method', '')})")
+    nonfinite = [i for i, v in enumerate(values, 1) if not math.isfinite(v)]
+    if nonfinite:  # off the chart otherwise: mark them along the top
+        top = max((v for v in values if math.isfinite(v)), default=1.0)
+        left.plot(nonfinite, [top] * len(nonfinite), "x", color="tab:red", label="NaN / inf loss")
+    title = f"LoraHub search ({result.settings.get('method', '')})"
+    if not result.complete:
+        title += ", interrupted" if result.interrupted else ", cut short"
+    left.set(xlabel="evaluation", ylabel="objective", title=title)
     left.legend()
     right.bar(range(len(result.weights)), result.weights, color="tab:blue")
     right.axhline(0, color="black", linewidth=0.5)

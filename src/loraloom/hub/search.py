@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import difflib
+import math
 import time
 import warnings
 from collections.abc import Iterator
@@ -51,6 +52,10 @@ class SearchResult:
     trace: list[Evaluation] = field(default_factory=list)
     method: str = ""  # e.g. "nevergrad:NGOpt>Cobyla" or "gradient:Adam"
     seconds: float = 0.0
+    complete: bool = True  # False: cut short (an optimizer error, or interrupted) before the budget was spent
+    interrupted: bool = False  # cut short by KeyboardInterrupt (Ctrl-C)
+    stopped: str = ""  # why it was cut short, one line ("" when complete)
+    nonfinite: int = 0  # evaluations whose loss was NaN or inf (objective +inf in the trace)
 
 
 class _Tracer:
@@ -128,7 +133,10 @@ def _describe(optimizer) -> str:
         name = getattr(opt, "name", type(opt).__name__)
         if not names or name != names[-1]:
             names.append(name)
-        opt = getattr(opt, "optim", None)
+        try:
+            opt = getattr(opt, "optim", None)  # NGOpt builds its choice on first access: may fail
+        except Exception:
+            break
     return ">".join(names)
 
 
@@ -138,6 +146,21 @@ class Scorer(Protocol):
     n_modules: int
 
     def __call__(self, weights: torch.Tensor) -> Scores: ...
+
+
+# What the optimizer is told for a candidate whose loss is NaN or inf (the trace keeps +inf): large but
+# finite, as every optimizer needs (nevergrad clips >= 5e20 with a warning; CMA's and MetaModel's
+# models, scipy's Cobyla and Powell take no inf or NaN), and far above any cross-entropy a language
+# model reaches (about log(vocabulary size) for a uniform guess: ~10 to 12).
+NONFINITE_SCORE = 1e4
+
+
+class LoraHubWarning(UserWarning):
+    """Something a LoraHub user should know: a search cut short, non-finite losses, a setting adjusted."""
+
+
+class OptimizerError(RuntimeError):
+    """The optimizer failed before any evaluation: there is no result to keep."""
 
 
 def nevergrad_search(
@@ -151,10 +174,21 @@ def nevergrad_search(
     random_state: np.random.RandomState | None = None,
     progress: bool = False,
 ) -> SearchResult:
-    """Minimise the objective with a nevergrad optimizer over ``budget`` evaluations, P at a time."""
+    """Minimise the objective with a nevergrad optimizer over ``budget`` evaluations, P at a time.
+
+    The search never loses its work: an exception inside the optimizer (ask or tell) or a
+    KeyboardInterrupt ends it with the best evaluated weights so far, ``complete=False`` and a
+    ``LoraHubWarning`` naming the cause (with nothing evaluated yet, the error is raised: an
+    ``OptimizerError``, or the KeyboardInterrupt). Whatever ends it, the threads nevergrad started
+    for recast optimizers (Cobyla, Powell, ...) are stopped. A NaN or inf loss is traced as +inf and
+    told to the optimizer as ``NONFINITE_SCORE``. Sequential-only optimizers run one candidate a pass.
+    """
     from nevergrad.common import errors as ng_errors
 
+    from .recast import recast_threads, stop_recast_threads
+
     check_search_args(budget, bounds, population)
+    population = _population_for(optimizer, population)
     n = objective.n_modules
     opt = make_optimizer(optimizer, n, budget, bounds, population, random_state or np.random.RandomState(seed))
     if population > 1:
@@ -162,18 +196,74 @@ def nevergrad_search(
         # (sequential NGOpt / Cobyla ask for it first anyway).
         opt.suggest(np.zeros(n))
     tracer = _Tracer(objective, budget, progress, f"lorahub {optimizer}")
-    with warnings.catch_warnings():
-        # Noise for our users: nevergrad clips +inf losses (NaN/inf forwards, scored +inf on purpose),
-        # and its Cobyla settings trip a scipy warning about rhoend.
-        warnings.filterwarnings("ignore", category=ng_errors.LossTooLargeWarning)
-        warnings.filterwarnings("ignore", message="COBYLA: Invalid RHOEND")
-        while len(tracer.trace) < budget:
-            candidates = [opt.ask() for _ in range(min(population, budget - len(tracer.trace)))]
-            w = torch.tensor(np.stack([c.value for c in candidates]), dtype=torch.float32)
-            scores = tracer.score(w)
-            for candidate, value in zip(candidates, scores.values.tolist(), strict=True):
-                opt.tell(candidate, value)
-    return tracer.result(f"nevergrad:{_describe(opt)}")
+    threads_before = recast_threads()
+    stop: BaseException | None = None  # what ended the search before the budget was spent
+    try:
+        with warnings.catch_warnings():
+            # Noise for our users: nevergrad clips losses >= 5e20, and its Cobyla settings trip a scipy
+            # warning about rhoend.
+            warnings.filterwarnings("ignore", category=ng_errors.LossTooLargeWarning)
+            warnings.filterwarnings("ignore", message="COBYLA: Invalid RHOEND")
+            while len(tracer.trace) < budget:
+                try:
+                    candidates = [opt.ask() for _ in range(min(population, budget - len(tracer.trace)))]
+                except Exception as e:  # the optimizer's failure, not ours: keep what was evaluated
+                    stop = e
+                    break
+                w = torch.tensor(np.stack([c.value for c in candidates]), dtype=torch.float32)
+                scores = tracer.score(w)  # an error here is ours (the model, the modules): raised
+                try:
+                    for candidate, value in zip(candidates, scores.values.tolist(), strict=True):
+                        opt.tell(candidate, value if math.isfinite(value) else NONFINITE_SCORE)
+                except Exception as e:
+                    stop = e
+                    break
+    except KeyboardInterrupt as e:
+        stop = e
+    finally:
+        tracer.bar.close()
+        stop_recast_threads(opt, stop, threads_before)
+    name = _describe(opt)
+    if not tracer.trace:  # stopped before any evaluation: nothing to keep
+        if isinstance(stop, KeyboardInterrupt):
+            raise stop
+        raise OptimizerError(f"nevergrad optimizer {name} failed before any evaluation: {_one_line(stop)}") from stop
+    found = tracer.result(f"nevergrad:{name}")
+    found.nonfinite = sum(not math.isfinite(e.objective) for e in found.trace)
+    if found.nonfinite:
+        warnings.warn(
+            f"{found.nonfinite} of {len(found.trace)} candidates had a NaN or inf loss: traced as +inf, "
+            f"told to the optimizer as {NONFINITE_SCORE:g}",
+            LoraHubWarning,
+            stacklevel=2,
+        )
+    if stop is not None:
+        done = len(found.trace)
+        cause = "interrupted" if isinstance(stop, KeyboardInterrupt) else f"{name} failed ({_one_line(stop)})"
+        found.complete, found.interrupted = False, isinstance(stop, KeyboardInterrupt)
+        found.stopped = f"{cause} after {done} of {budget} evaluations: kept the best of those {done}"
+        warnings.warn(found.stopped, LoraHubWarning, stacklevel=2)
+    return found
+
+
+def _population_for(optimizer: str, population: int) -> int:
+    """``population``, or 1 for an optimizer that takes one candidate at a time (Cobyla, Powell, BO...)."""
+    import nevergrad as ng
+
+    if population > 1 and getattr(ng.optimizers.registry.get(optimizer), "no_parallelization", False):
+        warnings.warn(
+            f"{optimizer} evaluates one candidate at a time: running population 1, not {population}",
+            LoraHubWarning,
+            stacklevel=3,
+        )
+        return 1
+    return population
+
+
+def _one_line(error: BaseException, limit: int = 200) -> str:
+    """ "TypeError: message" on one line, cut to ``limit`` characters."""
+    text = " ".join(f"{type(error).__name__}: {error}".split())
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def gradient_search(
@@ -240,7 +330,10 @@ __all__ = [
     "DEFAULT_BOUNDS",
     "DEFAULT_BUDGET",
     "DEFAULT_OPTIMIZER",
+    "NONFINITE_SCORE",
     "Evaluation",
+    "LoraHubWarning",
+    "OptimizerError",
     "Scorer",
     "SearchResult",
     "check_search_args",
