@@ -65,7 +65,7 @@ def test_peft_dora_folder_round_trips_with_identical_outputs(arch, tmp_path):
 def test_loraloom_dora_loads_in_peft(arch, tmp_path):
     model = FACTORIES[arch]()
     torch.manual_seed(0)
-    ll.add_adapter(model, ll.LoraConfig(r=4, lora_alpha=8, use_dora=True, init_lora_weights=False), verbose=False)
+    ll.add_adapter(model, ll.LoraConfig(r=4, lora_alpha=6, use_dora=True, init_lora_weights=False), verbose=False)
     with torch.no_grad():
         for _, layer in adapter_layers(model):
             layer.lora_magnitude_vector.mul_(1.5)
