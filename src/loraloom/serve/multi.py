@@ -6,10 +6,12 @@ of N modules is the composed adapter (Σ w_i·A_i, Σ w_i·B_i) (LoraHub without
 
 ``MultiLora`` installs a ``MultiLoraLayer`` in every layer any adapter targets. Before a forward pass,
 ``set_rows`` names each row's adapter (``None`` for the base model). For each layer the distinct adapters of
-the batch are stacked once (A: S x R x d_in, B: S x d_out x R, R the largest rank among them, smaller
-ranks zero-padded, the scaling folded into B), and each forward runs one gather and two batched matmuls:
+the batch are stacked (A: S x R x d_in, B: S x d_out x R, R the largest rank among them, smaller ranks
+zero-padded, the scaling folded into B) and gathered to one stack per row with ``index_select``; that plan
+is kept while the batch's rows stay the same (every decode step between a row joining or leaving). Each
+forward then runs two batched matmuls per layer:
 
-    delta[b] = (x[b] @ A[slot[b]]^T) @ B[slot[b]]^T
+    y[b] = base(x[b]) + (x[b] @ A[slot[b]]^T) @ B[slot[b]]^T
 
 for prefill (x: rows x T x d_in) and decode (T = 1) alike, with no Python loop over adapters (punica's
 BGMV / SGMV in plain torch). Zero padding adds exact zeros, so each row gets what it would alone.
@@ -54,13 +56,19 @@ class LoraWeights:
         return sum(a.nbytes + b.nbytes for a, b, _ in self.layers.values())
 
 
-def lora_rows(x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, slot: torch.Tensor) -> torch.Tensor:
-    """Row b of ``x`` (rows x ... x d_in) through adapter ``slot[b]`` of the stacks A (S x R x d_in), B (S x d_out x R)."""
+def lora_rows(x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
+    """``y`` + row b of ``x`` (rows x ... x d_in) through (A[b], B[b]): A rows x R x d_in, B rows x d_out x R.
+
+    Two batched matmuls whatever the number of distinct adapters (the rows' stacks are gathered once per
+    batch plan by ``MultiLora.set_rows``); ``y`` (rows x ... x d_out) is added by the second one.
+    """
     rows = x.reshape(x.shape[0], -1, x.shape[-1])  # rows x T x d_in
-    a = A.index_select(0, slot)  # rows x R x d_in
-    b = B.index_select(0, slot)  # rows x d_out x R
-    h = torch.bmm(rows, a.transpose(1, 2))
-    return torch.bmm(h, b.transpose(1, 2)).reshape(*x.shape[:-1], B.shape[1])
+    h = torch.bmm(rows, A.transpose(1, 2))  # rows x T x R
+    if y is None:
+        out = torch.bmm(h, B.transpose(1, 2))
+    else:
+        out = torch.baddbmm(y.reshape(x.shape[0], -1, B.shape[1]), h, B.transpose(1, 2))
+    return out.reshape(*x.shape[:-1], B.shape[1])
 
 
 class MultiLoraLayer(AdapterLayer):
@@ -68,29 +76,30 @@ class MultiLoraLayer(AdapterLayer):
 
     def __init__(self, base_layer: nn.Module) -> None:
         super().__init__(base_layer)
-        self.A: torch.Tensor | None = None  # S x R x d_in
-        self.B: torch.Tensor | None = None  # S x d_out x R, scaling folded in
-        self.slot: torch.Tensor | None = None  # one slot index per row
+        # Per row (rows x R x d_in, rows x d_out x R, scaling folded into B), or a single 1 x ... stack
+        # when every row runs the same adapter. None: no row's adapter targets this layer.
+        self.A: torch.Tensor | None = None
+        self.B: torch.Tensor | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.base_layer(x)
         if self.A is None:
             return y
         xa = x.to(self.A.dtype)
-        if self.A.shape[0] == 1:  # one adapter for every row: two plain matmuls, no gather
-            delta = F.linear(F.linear(xa, self.A[0]), self.B[0])
-        else:
-            if x.shape[0] != self.slot.shape[0]:
-                raise AdapterError(f"batch of {x.shape[0]} rows but set_rows named {self.slot.shape[0]} adapters")
-            delta = lora_rows(xa, self.A, self.B, self.slot)
-        return y + delta.to(y.dtype)
+        if self.A.shape[0] == 1:  # one adapter for every row: two plain matmuls
+            return y + F.linear(F.linear(xa, self.A[0]), self.B[0]).to(y.dtype)
+        if x.shape[0] != self.A.shape[0]:
+            raise AdapterError(f"batch of {x.shape[0]} rows but set_rows named {self.A.shape[0]} adapters")
+        if y.dtype == self.A.dtype:
+            return lora_rows(xa, self.A, self.B, y)
+        return y + lora_rows(xa, self.A, self.B).to(y.dtype)
 
     def delta_weight(self) -> torch.Tensor:
         raise AdapterError("a multi-adapter layer holds one adapter per row; there is no single delta to merge")
 
     def extra_repr(self) -> str:
-        slots = 0 if self.A is None else self.A.shape[0]
-        return f"{super().extra_repr()}, slots={slots}"
+        rows = 0 if self.A is None else self.A.shape[0]
+        return f"{super().extra_repr()}, rows={rows}"
 
 
 class MultiLora:
@@ -150,7 +159,7 @@ class MultiLora:
         for name, layer in self.layers.items():
             parts = [a.layers.get(name) if a is not None else None for a in slots]
             if all(p is None for p in parts):
-                layer.A = layer.B = layer.slot = None
+                layer.A = layer.B = None
                 continue
             rank = max(p[0].shape[0] for p in parts if p is not None)
             A = torch.zeros(len(slots), rank, layer.in_features, device=self.device, dtype=self.dtype)
@@ -160,7 +169,9 @@ class MultiLora:
                     a, b, scaling = p
                     A[i, : a.shape[0]] = a
                     B[i, :, : b.shape[1]] = b * scaling
-            layer.A, layer.B, layer.slot = A, B, slot
+            if len(slots) > 1:  # the gather: each row's stack, kept while the batch's rows stay the same
+                A, B = A.index_select(0, slot), B.index_select(0, slot)
+            layer.A, layer.B = A, B
         self._plan_key = key
         # Keep the adapters alive while the plan refers to them by id.
         self._plan_adapters = distinct
@@ -168,7 +179,7 @@ class MultiLora:
     def clear(self) -> None:
         """Every row runs the base model until ``set_rows`` is called again."""
         for layer in self.layers.values():
-            layer.A = layer.B = layer.slot = None
+            layer.A = layer.B = None
         self._plan_key = None
 
     def remove(self) -> nn.Module:

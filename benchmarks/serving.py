@@ -1,0 +1,301 @@
+"""Benchmark: serving many LoRA adapters on one base model.
+
+(a) Mixed-adapter forward pass, batch of 32 rows with 1, 8 or 32 distinct adapters (rows assigned round
+robin), prefill (32 x 32 prompt tokens) and decode (one token per row after a 32-token KV cache):
+- base:     the model without adapters;
+- peft:     PEFT with every adapter loaded, ``model(..., adapter_names=[...])`` (it loops over the distinct
+            adapters of the batch: gather rows, run, scatter);
+- loraloom: ``serve.MultiLora``: one gather + two batched matmuls per layer. Prefill includes building the
+            batch plan (``set_rows``: stacking the batch's adapters), as a new batch would; decode reuses it,
+            as the engine does between rows joining or leaving.
+The model has Llama's layout at a reduced size (random weights; --hidden etc.), LoRA r=16 on q,k,v,o.
+Targets: loraloom >= 2x PEFT at 8 and 32 adapters, <= 1.3x the base model's time.
+
+(b) The server (``loraloom serve`` in a subprocess, the same model, 8 adapters) under 1, 4 and 16
+concurrent clients on loopback, each client sending its share of the same requests (greedy, up to 32 new
+tokens, adapters round robin): completion tokens/s and p50/p99 request latency. One client is serving
+the requests one at a time; target: >= 4x its throughput at 16 clients.
+
+Peers run interleaved in rotated order every round (``common.interleave``); a ratio is the median over
+rounds of per-round ratios. The machine may be shared: read the ratios, not the absolute times.
+
+    .venv/bin/python benchmarks/serving.py [--quick] [--rounds N] [--threads N] [--only forward|server]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import warnings
+from pathlib import Path
+
+import httpx
+import peft
+import torch
+import transformers
+from common import interleave, median, time_calls
+from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM
+
+from loraloom.adapters import LoraConfig, write_adapter_folder
+from loraloom.demo import train_tokenizer
+from loraloom.serve import AdapterCache, MultiLora
+
+TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj"]
+BATCH, PROMPT_LEN, RANK = 32, 32, 16
+
+
+def model_config(args: argparse.Namespace) -> LlamaConfig:
+    return LlamaConfig(
+        vocab_size=args.vocab,
+        hidden_size=args.hidden,
+        intermediate_size=int(args.hidden * 2.75),
+        num_hidden_layers=args.layers,
+        num_attention_heads=args.hidden // 64,
+        num_key_value_heads=args.hidden // 64,
+        max_position_embeddings=512,
+        bos_token_id=1,
+        eos_token_id=2,
+        pad_token_id=0,
+    )
+
+
+def build_model(config: LlamaConfig) -> LlamaForCausalLM:
+    torch.manual_seed(0)
+    return LlamaForCausalLM(config).eval()
+
+
+def write_adapters(model: LlamaForCausalLM, root: Path, n: int) -> list[Path]:
+    """``n`` PEFT LoRA folders with random A and B (r=16 on q,k,v,o of every layer)."""
+    g = torch.Generator().manual_seed(1)
+    names = [name for name, m in model.named_modules() if name.split(".")[-1] in TARGETS]
+    paths = []
+    for i in range(n):
+        tensors = {}
+        for name in names:
+            layer = model.get_submodule(name)
+            tensors[f"base_model.model.{name}.lora_A.weight"] = torch.randn(RANK, layer.in_features, generator=g) * 0.02
+            tensors[f"base_model.model.{name}.lora_B.weight"] = (
+                torch.randn(layer.out_features, RANK, generator=g) * 0.02
+            )
+        config = LoraConfig(r=RANK, lora_alpha=2 * RANK, target_modules=TARGETS, base_model_name_or_path="bench")
+        paths.append(write_adapter_folder(root / f"a{i:02d}", config, tensors))
+    return paths
+
+
+# ---- (a) the forward pass --------------------------------------------------------------------------
+
+
+class Peer:
+    """One model (base, peft or loraloom) with a prefill call and a decode call for a given adapter mix."""
+
+    def __init__(self, kind: str, config: LlamaConfig, paths: list[Path]) -> None:
+        self.kind = kind
+        model = build_model(config)
+        if kind == "peft":
+            model = peft.PeftModel.from_pretrained(model, str(paths[0]), adapter_name="a00")
+            for i, p in enumerate(paths[1:], start=1):
+                model.load_adapter(str(p), adapter_name=f"a{i:02d}")
+            model.eval()
+        elif kind == "loraloom":
+            cache = AdapterCache(paths[0].parent, limit_mib=4096)
+            self.adapters = [cache.get(p.name) for p in paths]
+            self.multi = MultiLora(model)
+        self.model = model
+
+    def set_mix(self, n_adapters: int, ids: torch.Tensor) -> None:
+        self.rows = [i % n_adapters for i in range(BATCH)]
+        self.ids = ids
+        self.mask = torch.ones_like(ids)
+        with torch.no_grad():
+            self.cache = self._forward(ids, self.mask, DynamicCache(), plan=True)[1]
+        self.next_ids = ids[:, -1:]
+        self.decode_mask = torch.ones(BATCH, PROMPT_LEN + 1, dtype=torch.long)
+
+    def _forward(self, ids, mask, cache, plan: bool):
+        kwargs = {}
+        if self.kind == "peft":
+            kwargs["adapter_names"] = [f"a{r:02d}" for r in self.rows]
+        elif self.kind == "loraloom":
+            if plan:
+                self.multi.clear()
+            self.multi.set_rows([self.adapters[r] for r in self.rows])
+        out = self.model(input_ids=ids, attention_mask=mask, past_key_values=cache, use_cache=True,
+                         logits_to_keep=1, **kwargs)  # fmt: skip
+        return out.logits, out.past_key_values
+
+    @torch.no_grad()
+    def prefill(self) -> torch.Tensor:
+        return self._forward(self.ids, self.mask, DynamicCache(), plan=True)[0]
+
+    @torch.no_grad()
+    def decode(self) -> torch.Tensor:
+        logits, cache = self._forward(self.next_ids, self.decode_mask, self.cache, plan=False)
+        cache.crop(-1)  # back to the prompt-length cache for the next call
+        return logits
+
+
+def bench_forward(args: argparse.Namespace) -> list[str]:
+    config = model_config(args)
+    lines = []
+    with tempfile.TemporaryDirectory() as tmp:
+        paths = write_adapters(build_model(config), Path(tmp), max(args.adapters))
+        peers = {kind: Peer(kind, config, paths) for kind in ("base", "peft", "loraloom")}
+        ids = torch.randint(3, config.vocab_size, (BATCH, PROMPT_LEN), generator=torch.Generator().manual_seed(2))
+        print(f"model: Llama layout, hidden {args.hidden}, {args.layers} layers, vocab {args.vocab}; LoRA r={RANK} "
+              f"on {','.join(TARGETS)}; batch {BATCH}; prefill {BATCH}x{PROMPT_LEN}, decode 1 token after {PROMPT_LEN}")  # fmt: skip
+        print(f"{'adapters':>8} {'phase':>7} {'base ms':>8} {'peft ms':>8} {'loraloom ms':>11} "
+              f"{'peft/loraloom':>13} {'loraloom/base':>13} {'added time peft/loraloom':>24} {'max|diff| vs peft':>17}")  # fmt: skip
+        for n in args.adapters:
+            for peer in peers.values():
+                peer.set_mix(n, ids)
+            for phase in ("prefill", "decode"):
+                diff = (getattr(peers["peft"], phase)() - getattr(peers["loraloom"], phase)()).abs().max().item()
+                steps = args.steps if phase == "decode" else max(2, args.steps // 6)
+                calls = {
+                    k: (lambda p=p, ph=phase, st=steps: median(time_calls(getattr(p, ph), st, warmup=1)))
+                    for k, p in peers.items()
+                }
+                times = interleave(calls, args.rounds, desc=f"{n} adapters {phase}")
+                vs_peft = median([p / m for p, m in zip(times["peft"], times["loraloom"], strict=True)])
+                vs_base = median([m / b for m, b in zip(times["loraloom"], times["base"], strict=True)])
+                # What the adapters add over the base model, PEFT's over loraloom's (per round, then median).
+                added = median(
+                    [
+                        (p - b) / max(m - b, 1e-9)
+                        for p, m, b in zip(times["peft"], times["loraloom"], times["base"], strict=True)
+                    ]
+                )
+                ms = {k: 1e3 * median(v) for k, v in times.items()}
+                print(f"{n:>8} {phase:>7} {ms['base']:8.2f} {ms['peft']:8.2f} {ms['loraloom']:11.2f} "
+                      f"{vs_peft:12.2f}x {vs_base:12.2f}x {added:23.2f}x {diff:17.2e}", flush=True)  # fmt: skip
+                lines.append(f"{n} adapters {phase}: loraloom {vs_peft:.2f}x faster than peft, {vs_base:.2f}x the base "
+                             f"model's time; time added over the base: peft {added:.2f}x loraloom's")  # fmt: skip
+    return lines
+
+
+# ---- (b) the server ------------------------------------------------------------------------------
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+async def run_clients(url: str, jobs: list[dict], clients: int) -> tuple[float, int, list[float]]:
+    """(wall seconds, completion tokens, per-request latencies) for ``jobs`` shared by ``clients`` workers."""
+    queue: asyncio.Queue = asyncio.Queue()
+    for job in jobs:
+        queue.put_nowait(job)
+    latencies: list[float] = []
+    tokens = 0
+    limits = httpx.Limits(max_connections=clients)
+    async with httpx.AsyncClient(base_url=url, timeout=600, limits=limits) as http:
+
+        async def worker() -> None:
+            nonlocal tokens
+            while not queue.empty():
+                job = queue.get_nowait()
+                start = time.perf_counter()
+                r = await http.post("/v1/completions", json=job)
+                r.raise_for_status()
+                latencies.append(time.perf_counter() - start)
+                tokens += r.json()["usage"]["completion_tokens"]
+
+        start = time.perf_counter()
+        await asyncio.gather(*(worker() for _ in range(clients)))
+    return time.perf_counter() - start, tokens, latencies
+
+
+def bench_server(args: argparse.Namespace) -> list[str]:
+    config = model_config(args)
+    words = [f"w{i}" for i in range(config.vocab_size - 64)]
+    tokenizer = train_tokenizer([" ".join(words)], vocab_size=config.vocab_size, add_eos=False)
+    config.vocab_size = max(config.vocab_size, len(tokenizer))
+    lines = []
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp)
+        model = build_model(config)
+        model.save_pretrained(root / "base")
+        tokenizer.save_pretrained(root / "base")
+        write_adapters(model, root / "adapters", 8)
+        port = free_port()
+        env = dict(os.environ, OMP_NUM_THREADS=str(args.threads), PYTHONUNBUFFERED="1")
+        cmd = [sys.executable, "-m", "loraloom", "serve", "--base", str(root / "base"), "--adapters",
+               str(root / "adapters"), "--port", str(port), "--max-batch", "32"]  # fmt: skip
+        server = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        url = f"http://127.0.0.1:{port}"
+        try:
+            deadline = time.monotonic() + 120
+            while True:
+                if server.poll() is not None or time.monotonic() > deadline:
+                    raise RuntimeError("the server did not start")
+                try:
+                    httpx.get(url + "/v1/models")
+                    break
+                except httpx.TransportError:
+                    time.sleep(0.3)
+            g = torch.Generator().manual_seed(3)
+            jobs = []
+            for i in range(args.requests):
+                n = int(torch.randint(8, 24, (1,), generator=g))
+                prompt = " ".join(words[int(t)] for t in torch.randint(0, len(words), (n,), generator=g))
+                model_name = f"a{i % 8:02d}" if i % 9 else "base"
+                jobs.append({"model": model_name, "prompt": prompt, "max_tokens": 32, "temperature": 0})
+            asyncio.run(run_clients(url, jobs[:4], 4))  # warm-up: loads the adapters
+            levels = {f"{c} clients": (lambda c=c: asyncio.run(run_clients(url, jobs, c))) for c in args.clients}
+            results = interleave(levels, args.rounds, desc="server")
+        finally:
+            server.terminate()
+            server.wait(timeout=30)
+    print(f"server: {args.requests} requests, up to 32 new tokens each, 8 adapters + base, max batch 32")
+    print(f"{'clients':>8} {'tokens/s':>9} {'p50 s':>7} {'p99 s':>7} {'vs 1 client':>11}")
+    one = f"{args.clients[0]} clients"
+    for name, runs in results.items():
+        rate = median([tok / wall for wall, tok, _ in runs])
+        lat = [x for _, _, ls in runs for x in ls]
+        p50, p99 = statistics.quantiles(lat, n=100)[49], statistics.quantiles(lat, n=100)[98]
+        ratio = median([(t / w) / (t1 / w1) for (w, t, _), (w1, t1, _) in zip(runs, results[one], strict=True)])
+        print(f"{name.split()[0]:>8} {rate:9.1f} {p50:7.3f} {p99:7.3f} {ratio:10.2f}x")
+        lines.append(f"server {name}: {rate:.0f} tokens/s, p50 {p50:.3f}s, p99 {p99:.3f}s, {ratio:.2f}x one at a time")
+    return lines
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="smaller model, fewer calls and requests, 1 round")
+    parser.add_argument("--rounds", type=int, default=3, help="default: %(default)s")
+    parser.add_argument("--steps", type=int, default=20, help="timed decode calls per peer and round")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads (default: %(default)s)")
+    parser.add_argument("--only", choices=["forward", "server"])
+    parser.add_argument("--hidden", type=int, default=512)
+    parser.add_argument("--layers", type=int, default=4)
+    parser.add_argument(
+        "--vocab", type=int, default=2000, help="small, so the LM head weighs about as little as in a 7B model"
+    )
+    parser.add_argument("--requests", type=int, default=48, help="server requests per level (default: %(default)s)")
+    args = parser.parse_args()
+    args.adapters, args.clients = [1, 8, 32], [1, 4, 16]
+    if args.quick:
+        args.rounds, args.steps, args.hidden, args.layers, args.requests = 1, 4, 256, 2, 16
+    torch.set_num_threads(args.threads)
+    warnings.filterwarnings("ignore", category=FutureWarning)  # past_key_values is PEFT's spelling; same for all
+    transformers.logging.set_verbosity_error()
+    lines = []
+    if args.only in (None, "forward"):
+        lines += bench_forward(args)
+    if args.only in (None, "server"):
+        lines += bench_server(args)
+    for line in lines:
+        print("RESULT " + line)
+
+
+if __name__ == "__main__":
+    main()
