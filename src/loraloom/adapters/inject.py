@@ -140,10 +140,11 @@ def all_linear_names(model: nn.Module, task_type: str | None) -> list[str]:
     return names
 
 
-def resolve_config(model: nn.Module, config: AdapterConfig) -> AdapterConfig:
+def resolve_config(model: nn.Module, config: AdapterConfig, *, saved: bool = False) -> AdapterConfig:
     """The config ``model`` keeps: a deep copy of ``config`` with the model-dependent fields filled in
     (default targets, "all-linear" expanded, task type, base name, classifier heads for SEQ_CLS).
-    ``config`` itself is never changed."""
+    ``config`` itself is never changed. A ``saved`` config (read from a folder) keeps its task_type as
+    written, as PEFT does: None means no task head was trained or saved."""
     resolved = copy.deepcopy(config)
     model_config = getattr(model, "config", None)
     model_type = getattr(model_config, "model_type", None)
@@ -153,7 +154,7 @@ def resolve_config(model: nn.Module, config: AdapterConfig) -> AdapterConfig:
             f"no default target_modules for model type {model_type!r}; pass target_modules=[...] "
             f"(adaptable layers: {_summarise(adaptable_layer_names(model, resolved.layer_types))})"
         )
-    if resolved.task_type is None:
+    if resolved.task_type is None and not saved:
         resolved.task_type = task_type_of(model)
     if isinstance(resolved.target_modules, str) and resolved.target_modules.lower() == ALL_LINEAR:
         resolved.target_modules = all_linear_names(model, resolved.task_type)
@@ -237,13 +238,14 @@ def add_adapter(model: nn.Module, config: AdapterConfig, *, verbose: bool = True
     """Wrap the target layers of ``model`` (in place) with adapter layers and freeze the rest.
 
     ``config`` is not changed: the model keeps a resolved copy (``get_config(model)``), which is what
-    ``save_adapter`` writes. With ``init=False`` the layers get no initialisation beyond zeros and the base
-    weights are left alone (their weights are loaded right after: ``load_adapter`` does this).
+    ``save_adapter`` writes. With ``init=False`` (``load_adapter``: a saved config, whose weights are loaded
+    right after) the layers get no initialisation beyond zeros, the base weights are left alone, and the
+    config's task_type stays as written.
     Returns the same model object.
     """
     if getattr(model, CONFIG_ATTR, None) is not None:
         raise AdapterError("model already carries a loraloom adapter; merge_and_unload it first")
-    resolved = resolve_config(model, config)
+    resolved = resolve_config(model, config, saved=not init)
     names = find_targets(model, resolved)
     save_names = modules_to_save_of(model, resolved)
     make = resolved.make_layer if init else getattr(resolved, "make_empty_layer", resolved.make_layer)

@@ -231,8 +231,15 @@ def normalise_keys(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 
 
 def load_state_into(model: nn.Module, tensors: dict[str, torch.Tensor], source: str) -> None:
-    """Copy PEFT-keyed tensors into the model's adapter; every key and shape must match."""
+    """Copy PEFT-keyed tensors into the model's adapter; every key and shape must match.
+
+    PEFT also saves the full base weight of a targeted embedding or output layer (``lm_head``,
+    ``embed_tokens``: the vocabulary may have been resized): such ``<layer>.base_layer.weight`` tensors of
+    adapted layers are copied into the base layer, as PEFT does.
+    """
     expected = adapter_state_dict(model)
+    adapted = {f"{KEY_PREFIX}{name}.base_layer.weight": layer for name, layer in adapter_layers(model)}
+    expected.update({k: adapted[k].base_layer.weight for k in tensors.keys() & adapted.keys()})
     given = normalise_keys(tensors)
     missing = sorted(set(expected) - set(given))
     unexpected = sorted(set(given) - set(expected))
