@@ -92,8 +92,10 @@ class AdapterConfig:
         refused by name if set; metadata and fields without effect are dropped on purpose; any other key
         (a newer PEFT's, a hand-written one) is dropped with a warning if it holds a value.
         """
-        names = {f.name for f in dataclasses.fields(cls)}
-        kwargs = {k: v for k, v in d.items() if k in names}
+        fields = {f.name: f for f in dataclasses.fields(cls)}
+        names = set(fields)
+        # An explicit null for a field whose default is not None (hand-written files) means the default.
+        kwargs = {k: v for k, v in d.items() if k in names and not (v is None and fields[k].default is not None)}
         for key, value in d.items():
             if key in names or key == "peft_type" or key in PEFT_METADATA_FIELDS or key in cls.ignored_fields:
                 continue

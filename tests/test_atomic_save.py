@@ -1,0 +1,125 @@
+"""Multi-file saves are all-or-nothing: an interrupted save leaves the old folder exactly as it was.
+
+write_adapter_folder (save_adapter), save_full_model and LoraHubResult.save write into a temp folder beside
+the target and swap it in whole (adapters/peft_format.py: atomic_folder)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from tiny_models import tiny_llama, tiny_word_tokenizer
+
+import loraloom as ll
+import loraloom.adapters.peft_format as peft_format
+from loraloom.adapters.peft_format import CONFIG_NAME, WEIGHTS_NAME, atomic_folder, write_adapter_folder
+from loraloom.hub.result import LoraHubResult
+from loraloom.hub.select import Selection
+from loraloom.train import save_full_model
+
+
+def snapshot(folder: Path) -> dict[str, bytes]:
+    return {p.relative_to(folder).as_posix(): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def assert_only(parent: Path, name: str) -> None:
+    """Nothing but the target folder beside it: no temp or old folder left over."""
+    assert [p.name for p in parent.iterdir()] == [name]
+
+
+def adapter_model(seed: int):
+    model = tiny_llama()
+    torch.manual_seed(seed)  # the adapter's random init
+    return ll.add_adapter(model, ll.LoraConfig(r=2, init_lora_weights=False), verbose=False)
+
+
+class Crash(Exception):
+    pass
+
+
+def test_interrupted_adapter_save_between_weights_and_config(tmp_path, monkeypatch):
+    folder = ll.save_adapter(adapter_model(0), tmp_path / "adapter")
+    before = snapshot(folder)
+    real_write_text = Path.write_text
+
+    def crash_on_config(self, *args, **kwargs):  # the weights are already written when the config fails
+        if self.name == CONFIG_NAME:
+            assert (self.parent / WEIGHTS_NAME).is_file()
+            raise Crash("power cut")
+        return real_write_text(self, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "write_text", crash_on_config)
+    with pytest.raises(Crash):
+        ll.save_adapter(adapter_model(1), folder)
+    assert snapshot(folder) == before  # old weights beside the old config, untouched
+    assert_only(tmp_path, "adapter")
+
+
+def test_interrupted_adapter_save_mid_weights(tmp_path, monkeypatch):
+    folder = ll.save_adapter(adapter_model(0), tmp_path / "adapter")
+    before = snapshot(folder)
+
+    def half_written(tensors, path, metadata=None):
+        Path(path).write_bytes(b"partial")
+        raise Crash("disk full")
+
+    monkeypatch.setattr(peft_format, "save_file", half_written)
+    with pytest.raises(Crash):
+        ll.save_adapter(adapter_model(1), folder)
+    assert snapshot(folder) == before
+    assert_only(tmp_path, "adapter")
+
+
+def test_a_completed_save_replaces_the_files_and_keeps_others(tmp_path):
+    folder = ll.save_adapter(adapter_model(0), tmp_path / "adapter")
+    (folder / "README.md").write_text("mine")
+    first = snapshot(folder)
+    ll.save_adapter(adapter_model(1), folder)
+    second = snapshot(folder)
+    assert second[WEIGHTS_NAME] != first[WEIGHTS_NAME] and second["README.md"] == b"mine"
+    assert_only(tmp_path, "adapter")
+
+
+def test_interrupted_full_model_save(tmp_path):
+    tokenizer = tiny_word_tokenizer(["a b c"])
+    folder = save_full_model(tiny_llama(0), tokenizer, tmp_path / "full")
+    before = snapshot(folder)
+
+    class BrokenTokenizer:
+        def save_pretrained(self, path):
+            (Path(path) / "tokenizer.json").write_text("{")
+            raise Crash("killed")
+
+    with pytest.raises(Crash):
+        save_full_model(tiny_llama(1), BrokenTokenizer(), folder)  # the new model.safetensors is written first
+    assert snapshot(folder) == before
+    assert_only(tmp_path, "full")
+
+
+def test_interrupted_lorahub_result_save(tmp_path, monkeypatch):
+    result = LoraHubResult(
+        weights=[0.5], objective=1.0, trace=[], modules=["m0"], selection=Selection("given", ["m0"], 1)
+    )
+    config = ll.LoraConfig(r=2, target_modules=["q_proj"])
+    result.save_adapter = lambda out: write_adapter_folder(out, config, {"w": torch.ones(2)})
+    folder = result.save(tmp_path / "run", plot=False)
+    before = snapshot(folder)
+    assert {"adapter/adapter_config.json", "weights.json", "trace.csv"} <= set(before)
+
+    def crash(*args, **kwargs):
+        raise Crash("matplotlib died")
+
+    monkeypatch.setattr("loraloom.hub.result.plot_trace", crash)
+    result.weights = [0.9]
+    with pytest.raises(Crash):
+        result.save(folder)  # adapter/, weights.json and trace.csv are new by then
+    assert snapshot(folder) == before
+    assert_only(tmp_path, "run")
+
+
+def test_atomic_folder_refuses_the_current_folder(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ll.AdapterError, match="current folder"):
+        with atomic_folder("."):
+            pass
