@@ -301,3 +301,41 @@ def test_cli_experiment_and_report(world, tmp_path, capsys):
     assert main(["report", str(tmp_path / "nowhere")]) == 2
     assert parse_seeds("1-3,7") == [1, 2, 3, 7]
     assert not (tmp_path / "nowhere" / DB_NAME).exists()
+
+
+def test_an_interrupted_sweep_keeps_finished_cells_and_a_cut_short_search_is_noted(world, tmp_path, monkeypatch):
+    from loraloom.experiment import methods
+
+    real_lorahub = methods.lorahub
+
+    def cut_short(*args, **kwargs):
+        result = real_lorahub(*args, **kwargs)
+        result.complete, result.stopped = False, "the optimizer failed"
+        return result
+
+    def interrupt(job, model, tokenizer):
+        if job.task == "reverse_words":
+            raise KeyboardInterrupt
+        return original(job, model, tokenizer)
+
+    original = METHODS["zero-shot"]
+    monkeypatch.setitem(METHODS, "zero-shot", interrupt)
+    monkeypatch.setattr(methods, "lorahub", cut_short)
+    with pytest.raises(KeyboardInterrupt):
+        run(world, tmp_path / "run", ["zero-shot", "lorahub"])
+    with Store(tmp_path / "run") as store:
+        assert [(r["task"], r["method"]) for r in store.rows()] == [
+            ("copy_words", "zero-shot"),
+            ("copy_words", "lorahub"),
+        ]
+    monkeypatch.setitem(METHODS, "zero-shot", original)
+    results = run(world, tmp_path / "run", ["zero-shot", "lorahub"])
+    assert [r["attempts"] for r in results] == [1, 1, 1, 1]
+    lorahub = [r for r in results if r["method"] == "lorahub"]
+    assert all(
+        r["status"] == "done" and "cut short after 4 evaluations: the optimizer failed" in r["error"] for r in lorahub
+    )
+    assert (
+        "2 cell(s) noted" not in results.markdown()
+        and "1 cell(s) noted: LoraHub search cut short" in results.markdown()
+    )

@@ -55,7 +55,7 @@ class Outcome:
     input_tokens: float | None  # mean input tokens per test example, as the method feeds the model
     predictions: list[dict[str, Any]] = field(default_factory=list)
     status: str = "done"  # "done" or "skipped"
-    reason: str | None = None  # why it was skipped
+    reason: str | None = None  # why it was skipped (or, when done, a note: a LoraHub search cut short)
     weights: list[float] | None = None  # LoraHub weights (retrieval-best: [1.0])
     modules: list[str] | None = None  # the modules they weigh
     details: dict[str, Any] = field(default_factory=dict)
@@ -127,6 +127,8 @@ def run_lorahub(job: Job, model: nn.Module, tokenizer: Any, *, select: str, mode
         mode=mode,
         **s.lorahub_options,
     )
+    if result.interrupted:  # Ctrl-C inside the search: stop the sweep, store nothing for this cell
+        raise KeyboardInterrupt
     # Merged into a copy: the result knows how its weights map onto layers; the shared base stays as it is.
     outcome = score(result.merge(copy.deepcopy(model)), tokenizer, job)
     outcome.weights, outcome.modules = list(result.weights), list(result.modules)
@@ -139,9 +141,10 @@ def run_lorahub(job: Job, model: nn.Module, tokenizer: Any, *, select: str, mode
         "objective": result.objective,
         "trace": [e.objective for e in result.trace],
         "timings": result.timings,
-        "complete": getattr(result, "complete", True),  # False: the search was cut short (stopped says why)
-        "stopped": getattr(result, "stopped", ""),
+        "complete": result.complete,
     }
+    if not result.complete:  # an optimizer error ended the search early: the best weights so far, noted
+        outcome.reason = f"LoraHub search cut short after {len(result.trace)} evaluations: {result.stopped}"
     return outcome
 
 

@@ -127,6 +127,8 @@ class Results:
                 notes.append(f"{r['task']} / {r['method']}: skipped {r['skipped']} cell(s): {r['reason']}")
             if r["failed"]:
                 notes.append(f"{r['task']} / {r['method']}: {r['failed']} failed cell(s): {r['error']}")
+            if r["noted"]:
+                notes.append(f"{r['task']} / {r['method']}: {r['noted']} cell(s) noted: {r['note']}")
         if notes:
             lines += [""] + [f"- {n}" if not n.startswith("\\*") else n for n in notes]
         return "\n".join(lines) + "\n"
@@ -164,6 +166,8 @@ def summarise(cells: list[dict[str, Any]]) -> dict[str, Any]:
         "skipped": len(skipped),
         "reason": skipped[0]["error"] if skipped else None,
         "failed": len(failed),
+        "noted": sum(bool(r["error"]) for r in done),  # done, with a note (a LoraHub search cut short)
+        "note": next((r["error"] for r in done if r["error"]), None),
         "error": (failed[0]["error"] or "").splitlines()[0] if failed else None,
     }
 
