@@ -84,7 +84,8 @@ def test_compose_errors_are_one_line(setting, tmp_path, capsys):
     assert "loraloom: error: budget must be a positive" in capsys.readouterr().err
     assert not (tmp_path / "y").exists()
     args = ["compose", "--base", str(setting / "base"), "--pool", str(setting / "pool"), "--num", "2"]
-    args += ["--examples", str(setting / "few.jsonl"), "--optimizer", "Cobylla", "--out", str(tmp_path / "z")]
+    args += ["--examples", str(setting / "few.jsonl"), "--mode", "nevergrad", "--optimizer", "Cobylla"]
+    args += ["--out", str(tmp_path / "z")]
     assert main(args) == 2
     assert "loraloom: error: unknown nevergrad optimizer 'Cobylla'; did you mean Cobyla" in capsys.readouterr().err
 
@@ -138,7 +139,8 @@ def test_the_issues_run_ends_with_a_saved_marked_result(setting, trained_pool, t
     """NGOpt with 4 workers on 4 modules picks MetaModel, which raised a TypeError after 24 of 40
     evaluations: it printed a traceback, lost the work and never exited. Now: one line, saved, exit 1."""
     out = tmp_path / "out1"
-    process = compose_process(setting, trained_pool, out, "--budget", "40", "--optimizer", "NGOpt", "--population", "4")
+    extra = ["--budget", "40", "--mode", "nevergrad", "--optimizer", "NGOpt", "--population", "4"]
+    process = compose_process(setting, trained_pool, out, *extra)
     stdout, stderr = (text.decode() for text in process.communicate(timeout=PROCESS_TIMEOUT))  # raises on a hang
     assert "Traceback" not in stderr
     saved = json.loads((out / "weights.json").read_text())
@@ -168,9 +170,8 @@ def test_the_issues_run_with_the_defaults(setting, trained_pool, tmp_path, capsy
 def test_ctrl_c_saves_the_best_so_far_and_exits_130(setting, trained_pool, tmp_path):
     out = tmp_path / "out"
     # NGOpt alone is the sequential Cobyla: a scipy thread waits for each tell when Ctrl-C comes.
-    process = compose_process(
-        setting, trained_pool, out, "--budget", "100000", "--optimizer", "NGOpt", "--population", "1"
-    )
+    extra = ["--budget", "100000", "--mode", "nevergrad", "--optimizer", "NGOpt", "--population", "1"]
+    process = compose_process(setting, trained_pool, out, *extra)
     seen, deadline = b"", time.monotonic() + PROCESS_TIMEOUT
     while not re.search(rb"\b([3-9]|\d\d+)/100000\b", seen):  # a few evaluations done
         assert process.poll() is None and time.monotonic() < deadline, seen

@@ -41,7 +41,7 @@ def setting(tmp_path_factory):
 
 def search(setting, **options):
     model, modules = setting
-    options = {"budget": 12, "seed": 0, **options}
+    options = {"budget": 12, "seed": 0, "mode": "nevergrad", **options}
     return ll.lorahub(model, modules[: options.pop("n", 4)], EXAMPLES, tokenizer=tokenizer(), **options)
 
 
@@ -98,7 +98,7 @@ def test_an_error_in_tell_ends_the_search_with_the_best_so_far(setting, register
     name = register("CobylaFailingTell", FailingOptimizer("Cobyla", "tell", 6, RuntimeError("boom,\n  on two lines")))
     with pytest.warns(LoraHubWarning) as caught:
         result = search(setting, optimizer=name, population=1)
-    line = "Cobyla failed (RuntimeError: boom, on two lines) after 6 of 12 evaluations: kept the best of those 6"
+    line = "Cobyla failed (RuntimeError: boom, on two lines) after 6 of 12 evaluations: kept the best weights so far"
     assert [str(w.message) for w in caught] == [line]
     assert not result.complete and not result.interrupted and result.stopped == line
     assert_best_so_far(result, 6)
@@ -156,7 +156,7 @@ def test_our_own_errors_are_raised_and_still_stop_the_threads(setting, monkeypat
 
 def test_ctrl_c_during_a_forward_returns_the_best_so_far(setting, monkeypatch):
     interrupt_objective_at(monkeypatch, 5, KeyboardInterrupt())
-    with pytest.warns(LoraHubWarning, match="^interrupted after 4 of 12 evaluations: kept the best of those 4$"):
+    with pytest.warns(LoraHubWarning, match="^interrupted after 4 of 12 evaluations: kept the best weights so far$"):
         result = search(setting, optimizer="NGOpt", population=1)
     assert result.interrupted and not result.complete
     assert_best_so_far(result, 4)
@@ -187,7 +187,14 @@ def test_nan_and_inf_losses_are_survived_and_counted(tmp_path, optimizer, popula
         LoraHubWarning, match=f"candidates had a NaN or inf loss: .* told to the optimizer as {NONFINITE_SCORE:g}"
     ):
         result = ll.lorahub(
-            model, modules, EXAMPLES, tokenizer=tokenizer(), budget=12, optimizer=optimizer, population=population
+            model,
+            modules,
+            EXAMPLES,
+            tokenizer=tokenizer(),
+            mode="nevergrad",
+            budget=12,
+            optimizer=optimizer,
+            population=population,
         )
     nonfinite = [e for e in result.trace if not math.isfinite(e.objective)]
     assert result.complete and len(result.trace) == 12  # the search went on
@@ -209,3 +216,18 @@ def test_sequential_only_optimizers_run_one_candidate_a_pass(setting, optimizer)
     ):
         result = search(setting, optimizer=optimizer, population=4, budget=6)
     assert result.complete and len(result.trace) == 6 and result.settings["method"] == f"nevergrad:{optimizer}"
+
+
+def test_ctrl_c_in_gradient_mode_returns_the_best_so_far(setting, monkeypatch):
+    original, calls = Objective.token_loss_sums, itertools.count(1)
+
+    def forward(self, w):
+        if next(calls) == 4:
+            raise KeyboardInterrupt
+        return original(self, w)
+
+    monkeypatch.setattr(Objective, "token_loss_sums", forward)
+    with pytest.warns(LoraHubWarning, match="^interrupted after 3 of 12 Adam steps: kept the best weights so far$"):
+        result = search(setting, mode="gradient", lr=0.1)
+    assert result.interrupted and not result.complete
+    assert_best_so_far(result, 3)

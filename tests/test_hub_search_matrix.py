@@ -59,6 +59,7 @@ def run_cell(model, modules, optimizer, population, connection) -> None:
                 modules,
                 EXAMPLES,
                 tokenizer=tokenizer(),
+                mode="nevergrad",
                 budget=BUDGET,
                 optimizer=optimizer,
                 population=population,

@@ -238,12 +238,16 @@ def nevergrad_search(
             stacklevel=2,
         )
     if stop is not None:
-        done = len(found.trace)
         cause = "interrupted" if isinstance(stop, KeyboardInterrupt) else f"{name} failed ({_one_line(stop)})"
-        found.complete, found.interrupted = False, isinstance(stop, KeyboardInterrupt)
-        found.stopped = f"{cause} after {done} of {budget} evaluations: kept the best of those {done}"
-        warnings.warn(found.stopped, LoraHubWarning, stacklevel=2)
+        _cut_short(found, stop, f"{cause} after {len(found.trace)} of {budget} evaluations")
     return found
+
+
+def _cut_short(found: SearchResult, stop: BaseException, what: str) -> None:
+    """Mark ``found`` as cut short by ``stop`` and say so in one warning line."""
+    found.complete, found.interrupted = False, isinstance(stop, KeyboardInterrupt)
+    found.stopped = f"{what}: kept the best weights so far"
+    warnings.warn(found.stopped, LoraHubWarning, stacklevel=3)
 
 
 def _population_for(optimizer: str, population: int) -> int:
@@ -285,11 +289,21 @@ def gradient_search(
     w = torch.full((1, n), 1.0 / n if init is None else float(init), requires_grad=True)
     adam = torch.optim.Adam([w], lr=lr)
     tracer = _Tracer(objective, steps, progress, "lorahub Adam")
-    with _frozen(objective.model):
-        for _ in range(steps):
-            if not _adam_step(objective, w, adam, bounds, tracer):
-                break  # a non-finite loss or gradient: no direction to follow
-    return tracer.result("gradient:Adam")
+    stop: KeyboardInterrupt | None = None
+    try:
+        with _frozen(objective.model):
+            for _ in range(steps):
+                if not _adam_step(objective, w, adam, bounds, tracer):
+                    break  # a non-finite loss or gradient: no direction to follow
+    except KeyboardInterrupt as e:  # Ctrl-C: keep the steps taken (none taken: nothing to keep)
+        tracer.bar.close()
+        if not tracer.trace:
+            raise
+        stop = e
+    found = tracer.result("gradient:Adam")
+    if stop is not None:
+        _cut_short(found, stop, f"interrupted after {len(found.trace)} of {steps} Adam steps")
+    return found
 
 
 @contextlib.contextmanager
