@@ -285,6 +285,21 @@ def test_cli_serve_subprocess(world):
         proc.wait(timeout=20)
 
 
+def test_named_adapters_load_on_first_use(world):
+    from fastapi.testclient import TestClient
+
+    from loraloom.serve.app import ServeOptions, build_app
+
+    options = ServeOptions(base=str(world / "base"), named={"late": str(world / "later" / "late00")})
+    with TestClient(build_app(options)) as c:
+        assert [m["id"] for m in c.get("/v1/models").json()["data"]] == ["base", "late"]
+        assert c.app.state.cache.cached() == []  # nothing read until a request names it
+        r = c.post("/v1/completions", json={"model": "late", "prompt": PROMPT, "max_tokens": 8, "temperature": 0})
+        assert r.json()["choices"][0]["text"] == expected(world, PROMPT, "../later/late00")
+    with pytest.raises(ValueError, match="base"):
+        ServeOptions(base=str(world / "base"), named={"base": "x"})
+
+
 def test_cli_serve_bad_arguments(world, capsys):
     from loraloom.cli import main
 

@@ -466,9 +466,16 @@ def cmd_serve(args: argparse.Namespace) -> int:
         from .serve.app import ServeOptions, serve
     except ImportError as e:
         raise ValueError(f"loraloom serve needs FastAPI and uvicorn: pip install 'loraloom[serve]' ({e})") from e
+    named = {}
+    for item in args.adapter or []:
+        name, sep, source = item.partition("=")
+        if not sep or not name or not source:
+            raise ValueError(f"--adapter {item}: expected NAME=FOLDER_OR_HUB_ID")
+        named[name] = source
     options = ServeOptions(
         base=args.base,
         adapters=args.adapters,
+        named=named,
         host=args.host,
         port=args.port,
         max_batch=args.max_batch,
@@ -591,6 +598,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("serve", help="an OpenAI-compatible server for many adapters on one base model")
     p.add_argument("--base", required=True, help="base causal LM: a local folder or a hub id")
     p.add_argument("--adapters", metavar="DIR", help="folder of adapter folders (a request's model names one)")
+    p.add_argument("--adapter", action="append", metavar="NAME=SOURCE", help="one more adapter: folder or hub id")
     p.add_argument("--host", default="127.0.0.1", help="default: %(default)s")
     p.add_argument("--port", type=int, default=8000, help="default: %(default)s")
     p.add_argument("--max-batch", type=int, default=32, help="rows decoded together (default: %(default)s)")

@@ -19,7 +19,7 @@ import logging
 import time
 import uuid
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
@@ -301,7 +301,9 @@ class ServeOptions:
     base: str
     """The base causal LM: a local folder or a hub id."""
     adapters: str | None = None
-    """A folder of adapter folders; each subfolder name is a ``model`` name. None: only added ones."""
+    """A folder of adapter folders; each subfolder name is a ``model`` name. None: only named ones."""
+    named: dict[str, str] = field(default_factory=dict)
+    """More adapters by name: name -> folder or hub id, loaded on first use like the folder's."""
     host: str = "127.0.0.1"
     port: int = 8000
     max_batch: int = 32
@@ -322,11 +324,16 @@ class ServeOptions:
             raise ValueError(f"--cache-mib must be positive, got {self.cache_mib}")
         if self.ray_replicas < 0:
             raise ValueError(f"--ray-replicas must be >= 0, got {self.ray_replicas}")
+        for name in self.named:
+            if not name or name == BASE:
+                raise ValueError(f"--adapter {name}=...: a name must be non-empty and not {BASE!r}")
 
 
 def build_app(options: ServeOptions) -> FastAPI:
     """Load the base model and wrap it in the server app (what each Ray replica runs, too)."""
     cache = AdapterCache(options.adapters, limit_mib=options.cache_mib)
+    for name, source in options.named.items():
+        cache.add(name, source, load=False)
     model, tokenizer = load_model(options.base)
     return create_app(Engine(model, tokenizer, max_batch=options.max_batch), cache)
 
