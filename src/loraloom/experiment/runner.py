@@ -91,7 +91,7 @@ def experiment(
     store = Store(out)
     try:
         store.check_base(identity)
-        model, tokenizer = load_base_model(str(base))
+        model, tokenizer = load_base(str(base), progress)
         if modules:  # shapes: a pool trained for another architecture fails here, not in a cell
             load_bank(modules[:1], base_model=model)
 
@@ -226,6 +226,20 @@ def base_identity(base: str | os.PathLike) -> dict[str, Any]:
     return identity
 
 
+def load_base(base: str, progress: bool) -> tuple[nn.Module, Any]:
+    """The base model and tokenizer; transformers' loading bar only when the sweep shows progress."""
+    from transformers.utils import logging as hf_logging
+
+    shown = hf_logging.is_progress_bar_enabled()
+    if not progress:
+        hf_logging.disable_progress_bar()
+    try:
+        return load_base_model(base)
+    finally:
+        if shown:
+            hf_logging.enable_progress_bar()
+
+
 def peak_memory_mb() -> float:
     """CUDA: the peak allocated since the cell started. CPU: the process's peak resident set so far
     (a high-water mark over every cell this process ran, not the cell's own)."""
@@ -286,7 +300,7 @@ _WORKER_BASE: dict[str, tuple[nn.Module, Any]] = {}  # per worker process: the b
 def _run_remote(base: str, job: Job) -> dict[str, Any]:
     torch.set_num_threads(1)  # one core per Ray task: threads would only fight each other
     if base not in _WORKER_BASE:
-        _WORKER_BASE[base] = load_base_model(base)
+        _WORKER_BASE[base] = load_base(base, progress=False)
     model, tokenizer = _WORKER_BASE[base]
     return run_cell(job, model, tokenizer)
 

@@ -2,7 +2,8 @@
 
 Defaults are the LoraHub paper's BBH protocol (SPEC section 3): 5 learning examples per task and seed,
 N = 20 modules, budget K = 40, gradient baselines trained 40 epochs on the same 5 examples (lr 3e-5 full,
-2e-4 LoRA / IA3, FourierFT at its documented 5e-2), 3 runs each.
+2e-4 LoRA / IA3, FourierFT at its documented 5e-2), 3 runs each. Frozen once validated:
+``replace(**changes)`` makes a new, validated copy.
 
 A cell (task, method, seed, run) is keyed by the hash of only the settings its method reads
 (``cell_fields``): changing the LoraHub budget makes new LoraHub cells and keeps every LoRA cell.
@@ -23,7 +24,7 @@ LORAHUB_RESERVED = ("base", "modules", "examples", "tokenizer", "pool", "num", "
 GRADIENT_METHODS = ("lora", "ia3", "fourierft", "full")
 
 
-@dataclass
+@dataclass(frozen=True)
 class ExperimentSettings:
     shots: int = 5
     """Learning examples per task and seed, drawn with the split seed; the rest are the test examples."""
