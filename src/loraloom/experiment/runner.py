@@ -85,7 +85,6 @@ def experiment(
     if needs_pool and pool is None:
         raise ValueError(f"methods {needs_pool} need a module pool: pass pool=DIR (--pool)")
     modules = check_pool(pool) if pool is not None else []
-    pool_hash = pool_fingerprint(modules) if modules else None
 
     identity = base_identity(base)
     store = Store(out)
@@ -95,21 +94,7 @@ def experiment(
         if modules:  # shapes: a pool trained for another architecture fails here, not in a cell
             load_bank(modules[:1], base_model=model)
 
-        jobs = []
-        for task in task_list:
-            hashes = {}  # per method: what its cells of this task depend on
-            for method in methods:
-                cell = {"settings": settings.cell_fields(method), "task": task.fingerprint()}
-                if method in POOL_METHODS:
-                    cell["pool"] = pool_hash
-                hashes[method] = stable_hash(cell)
-                store.put_settings(hashes[method], {**cell, "all_settings": settings.to_dict()})
-            for seed in seeds:
-                split_seed = seed if settings.split_seed is None else settings.split_seed
-                learn, test = task.split(settings.shots, split_seed, settings.max_test)
-                for method in methods:
-                    for run in range(runs_of(method, settings)):
-                        jobs.append(Job(task.name, method, seed, run, hashes[method], learn, test, settings, modules))
+        jobs = lay_out_jobs(task_list, methods, seeds, settings, modules, store)
         statuses = store.statuses()
         pending = [j for j in jobs if statuses.get(j.key, ("", 0))[0] not in FINISHED]
         store.set_latest(
@@ -136,6 +121,35 @@ def experiment(
         return Results(store.rows([j.key for j in jobs]), methods=methods, run_dir=Path(out))
     finally:
         store.close()
+
+
+def lay_out_jobs(
+    tasks: list[Task],
+    methods: list[str],
+    seeds: list[int],
+    settings: ExperimentSettings,
+    modules: list[str],
+    store: Store,
+) -> list[Job]:
+    """Every cell, task by task and seed by seed, each keyed by the hash of what its method depends on:
+    the settings it reads, the task's examples and (for pool methods) the pool's files."""
+    pool_hash = pool_fingerprint(modules) if modules else None
+    jobs = []
+    for task in tasks:
+        hashes = {}
+        for method in methods:
+            cell = {"settings": settings.cell_fields(method), "task": task.fingerprint()}
+            if method in POOL_METHODS:
+                cell["pool"] = pool_hash
+            hashes[method] = stable_hash(cell)
+            store.put_settings(hashes[method], {**cell, "all_settings": settings.to_dict()})
+        for seed in seeds:
+            split_seed = seed if settings.split_seed is None else settings.split_seed
+            learn, test = task.split(settings.shots, split_seed, settings.max_test)
+            for method in methods:
+                for run in range(runs_of(method, settings)):
+                    jobs.append(Job(task.name, method, seed, run, hashes[method], learn, test, settings, modules))
+    return jobs
 
 
 def check_methods(methods: Sequence[str] | str) -> list[str]:
