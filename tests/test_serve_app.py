@@ -192,6 +192,22 @@ def test_disconnect_mid_stream_frees_the_slot(server, client):
     assert out.usage.completion_tokens >= 1 and out.choices[0].finish_reason in ("stop", "length")
 
 
+def test_disconnect_while_waiting_for_a_whole_completion_frees_the_slot(server, monkeypatch):
+    engine, scheduler = server["app"].state.engine, server["app"].state.scheduler
+    monkeypatch.setattr(engine, "eos_ids", set())
+    monkeypatch.setattr("loraloom.serve.app.DISCONNECT_POLL", 0.05)
+    slow = engine.step
+    monkeypatch.setattr(engine, "step", lambda new=(): (time.sleep(0.02), slow(new))[1])  # >= 2 s for 100 tokens
+    cancelled = scheduler.cancelled
+    body = {"model": "m02", "prompt": PROMPT, "max_tokens": 100, "temperature": 0}
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(server["url"] + "/v1/completions", json=body, timeout=0.5)
+    deadline = time.monotonic() + 10
+    while scheduler.cancelled == cancelled or engine.rows:
+        assert time.monotonic() < deadline, "the abandoned request was never freed"
+        time.sleep(0.01)
+
+
 def test_add_and_remove_adapters_while_serving(world, server, client):
     url = server["url"] + "/v1/adapters"
     r = httpx.post(url, json={"name": "late", "source": str(world / "later" / "late00")})

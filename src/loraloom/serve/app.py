@@ -37,6 +37,8 @@ from .multi import LoraWeights
 
 log = logging.getLogger("loraloom.serve")
 
+DISCONNECT_POLL = 0.5  # seconds between checks that a client waiting for a whole completion is still there
+
 
 class APIError(Exception):
     def __init__(self, status: int, message: str, type: str = "invalid_request_error", param: str | None = None,
@@ -233,7 +235,14 @@ def create_app(engine: Engine, cache: AdapterCache) -> FastAPI:
         now = int(time.time())
         if body.stream:
             return StreamingResponse(_events(request, body, rid, now, chat), media_type="text/event-stream")
-        await scheduler.complete(request)  # cancels the request if this handler is cancelled
+        done = asyncio.ensure_future(scheduler.complete(request))
+        try:
+            while not (await asyncio.wait({done}, timeout=DISCONNECT_POLL))[0]:
+                if await http.is_disconnected():  # the client went away: free its row at the next step
+                    done.cancel()
+                    return JSONResponse({}, status_code=499)
+        finally:
+            done.cancel()  # no-op once finished; cancels the request if this handler itself is cancelled
         if request.finish_reason == "error":
             raise APIError(500, request.error or "generation failed", type="server_error")
         usage = _usage(request)
