@@ -174,6 +174,8 @@ def test_list_of_tasks_and_a_fixed_split(world, tmp_path):
         json.loads(x)["input"] for x in (tmp_path / "r" / results.rows[1]["predictions"]).read_text().splitlines()
     ]
     assert first == second  # split_seed: the same test examples for every seed
+    with pytest.raises(DataError, match="names a predictions folder"):
+        Task("../elsewhere", task_examples("copy", 8, seed=3))
 
 
 def _mixed_rank(world, tmp_path):

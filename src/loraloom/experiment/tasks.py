@@ -52,6 +52,8 @@ class Task:
     def __post_init__(self) -> None:
         if not isinstance(self.name, str) or not self.name.strip():
             raise DataError(f"a task needs a non-empty name, got {self.name!r}")
+        if any(c in self.name for c in "/\\") or self.name in (".", ".."):
+            raise DataError(f"task name {self.name!r} names a predictions folder: no '/' or '\\', not '.' or '..'")
         try:
             self.examples = load_examples(list(self.examples))
         except DataError as e:
