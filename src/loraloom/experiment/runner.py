@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
 import resource
 import sys
 import time
@@ -254,19 +255,38 @@ def load_base(base: str, progress: bool) -> tuple[nn.Module, Any]:
             hf_logging.enable_progress_bar()
 
 
+PROC_STATUS, PROC_CLEAR_REFS = Path("/proc/self/status"), Path("/proc/self/clear_refs")
+
+
+def reset_peak_memory() -> None:
+    """Start a cell's memory peak: CUDA's allocator statistics, or Linux's peak resident set (VmHWM)."""
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
+        return
+    try:
+        PROC_CLEAR_REFS.write_text("5")  # "5": reset the peak RSS to the current RSS (Linux >= 4.0)
+    except OSError:
+        pass
+
+
 def peak_memory_mb() -> float:
-    """CUDA: the peak allocated since the cell started. CPU: the process's peak resident set so far
-    (a high-water mark over every cell this process ran, not the cell's own)."""
+    """The cell's peak: CUDA memory allocated; on Linux the process's resident memory (VmHWM, base model
+    included); elsewhere the process's peak resident memory so far (a high-water mark over its cells)."""
     if torch.cuda.is_available():
         return torch.cuda.max_memory_allocated() / 2**20
+    try:
+        match = re.search(r"VmHWM:\s+(\d+) kB", PROC_STATUS.read_text())
+        if match:
+            return int(match[1]) / 2**10
+    except OSError:
+        pass
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return peak / 2**20 if sys.platform == "darwin" else peak / 2**10  # bytes on macOS, KiB on Linux
 
 
 def run_cell(job: Job, model: nn.Module, tokenizer: Any) -> dict[str, Any]:
     """Run one cell; a failure is caught and returned as a failed row (the sweep goes on)."""
-    if torch.cuda.is_available():
-        torch.cuda.reset_peak_memory_stats()
+    reset_peak_memory()
     clock = time.perf_counter()
     try:
         outcome: Outcome = METHODS[job.method](job, model, tokenizer)
