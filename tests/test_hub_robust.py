@@ -21,6 +21,7 @@ from tiny_models import tiny_t5
 
 import loraloom as ll
 from loraloom.hub.objective import Objective
+from loraloom.hub.recast import recast_threads, stop_recast_threads
 from loraloom.hub.search import NONFINITE_SCORE, LoraHubWarning, OptimizerError
 
 
@@ -231,3 +232,26 @@ def test_ctrl_c_in_gradient_mode_returns_the_best_so_far(setting, monkeypatch):
         result = search(setting, mode="gradient", lr=0.1)
     assert result.interrupted and not result.complete
     assert_best_so_far(result, 3)
+
+
+# ---- the thread stopper on its own ---------------------------------------------------------------
+
+
+def cobyla_waiting_for_a_tell():
+    opt = ng.optimizers.registry["Cobyla"](parametrization=ng.p.Array(shape=(2,)), budget=10)
+    opt.ask()  # its scipy thread now waits for this candidate's loss
+    return opt
+
+
+def test_unreachable_recast_threads_are_stopped_and_others_left_alone():
+    before = recast_threads()
+    other_search = cobyla_waiting_for_a_tell()  # held elsewhere: another search, still running
+    dropped = cobyla_waiting_for_a_tell()
+    dropped.cycle = dropped  # reachable from nowhere but itself: only the garbage collector ends it
+    del dropped
+    ours = cobyla_waiting_for_a_tell()
+    left = stop_recast_threads(ours, None, before)
+    assert left == [other_search._messaging_thread._thread] and len(recast_threads() - before) == 1
+    assert not ours._messaging_thread.is_alive()
+    stop_recast_threads(other_search)
+    assert recast_threads() == before

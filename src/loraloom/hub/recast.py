@@ -9,9 +9,11 @@ ever, and the interpreter waits for it at exit: the process never ends.
 nevergrad's own way to end such a thread is the message ``None`` on that queue (``MessagingThread.stop``,
 which the optimizer's ``__del__`` also sends): the thread then raises inside the library and returns.
 ``stop_recast_threads`` sends it to every recast optimizer the search can reach (the optimizer tree,
-and the frames of the exception that ended the search: MetaModel's inner Powell lives only there),
-waits for the threads started during the search to end, and, if some are left (members a portfolio
-dropped, held only by a reference cycle), collects garbage once so that their ``__del__`` stops them.
+and the frames of the exception that ended the search: MetaModel's inner Powell lives only there) and
+waits for those threads to end; if other recast threads started during the search are still alive
+(a member a portfolio dropped, held only by a reference cycle), it collects garbage once so that their
+``__del__`` stops them. Threads it cannot reach even so (another search's, running at the same time
+in this process) are left alone.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from collections.abc import Iterable
 from typing import Any
 
 JOIN_SECONDS = 5.0  # a stopped thread returns within milliseconds
+UNREACHED_SECONDS = 0.5  # for threads we could not reach: maybe another search's, left running
 
 
 def recast_threads() -> set[threading.Thread]:
@@ -36,9 +39,10 @@ def recast_threads() -> set[threading.Thread]:
 def stop_recast_threads(
     optimizer: Any, error: BaseException | None = None, started_before: Iterable[threading.Thread] = ()
 ) -> list[threading.Thread]:
-    """Stop the recast threads of ``optimizer`` (and of the optimizers in ``error``'s traceback), then
-    wait for every recast thread not in ``started_before`` to end. Returns those still alive (none,
-    unless another search runs in this process at the same time)."""
+    """Stop the recast threads of ``optimizer`` (and of the optimizers in ``error``'s traceback) and wait
+    for them to end; then, if recast threads started since ``started_before`` are still alive, collect
+    garbage and wait for those a moment. Returns the threads still alive: none, unless another search
+    runs in this process at the same time (its threads are left alone)."""
     from nevergrad.optimization.base import Optimizer
     from nevergrad.optimization.recaster import RecastOptimizer
 
@@ -46,18 +50,21 @@ def stop_recast_threads(
     if error is not None:
         for frame, _ in traceback.walk_tb(error.__traceback__):
             roots.extend(v for v in frame.f_locals.values() if isinstance(v, Optimizer))
+    ours = []
     for opt in _optimizer_tree(roots, Optimizer):
-        thread = getattr(opt, "_messaging_thread", None) if isinstance(opt, RecastOptimizer) else None
-        if thread is not None:
-            thread.stop()
+        messaging = getattr(opt, "_messaging_thread", None) if isinstance(opt, RecastOptimizer) else None
+        if messaging is not None:
+            messaging.stop()
+            ours.append(messaging._thread)
     del roots
     if error is not None:
         traceback.clear_frames(error.__traceback__)  # drop the optimizers the frames still hold
-    before = set(started_before)
-    left = _join([t for t in recast_threads() if t not in before])
-    if left:
-        gc.collect()  # unreachable recast optimizers stop their thread in __del__
-        left = _join(left)
+    left = _join(ours, JOIN_SECONDS)
+    before = set(started_before) | set(ours)
+    unreached = [t for t in recast_threads() if t not in before]
+    if unreached:  # held by no one but a reference cycle (a portfolio's dropped member)
+        gc.collect()
+        left += _join(unreached, UNREACHED_SECONDS)
     return left
 
 
@@ -80,8 +87,8 @@ def _optimizer_tree(roots: list[Any], optimizer_type: type) -> list[Any]:
     return found
 
 
-def _join(threads: list[threading.Thread]) -> list[threading.Thread]:
-    deadline = time.monotonic() + JOIN_SECONDS
+def _join(threads: list[threading.Thread], seconds: float) -> list[threading.Thread]:
+    deadline = time.monotonic() + seconds
     for thread in threads:
         thread.join(max(deadline - time.monotonic(), 0.0))
     return [t for t in threads if t.is_alive()]
