@@ -108,6 +108,10 @@ def lorahub(
 
     Returns a ``LoraHubResult``: best weights and objective, the trace of every evaluation, the modules
     and how they were chosen; ``.save(dir)`` and ``.merge()``. The base model is not modified.
+
+    A search cut short (the optimizer failed, or Ctrl-C) still returns: the best weights evaluated so
+    far, with ``complete=False``, ``interrupted`` and a one-line ``stopped`` (and a ``LoraHubWarning``).
+    Nothing evaluated yet: the error (or the KeyboardInterrupt) is raised.
     """
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
