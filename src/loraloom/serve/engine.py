@@ -167,10 +167,12 @@ class Engine:
         for i, r in enumerate(new):  # left padding: the last column is every row's last prompt token
             ids[i, width - len(r.prompt_ids) :] = torch.tensor(r.prompt_ids)
             mask[i, width - len(r.prompt_ids) :] = 1
-            if r.params.temperature > 0:
-                r.generator = torch.Generator().manual_seed(
-                    r.params.seed if r.params.seed is not None else torch.seed()
-                )
+            if r.params.temperature > 0:  # each request its own sampler: no seed, a fresh random one
+                r.generator = torch.Generator()
+                if r.params.seed is not None:
+                    r.generator.manual_seed(r.params.seed)
+                else:
+                    r.generator.seed()
         ids, mask = ids.to(self.device), mask.to(self.device)
         self.multi.set_rows([r.adapter for r in new])
         cache = DynamicCache(config=self.model.config)
