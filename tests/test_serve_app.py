@@ -146,6 +146,8 @@ def test_error_cases(server, client):
         client.completions.create(model="base", prompt=PROMPT, max_tokens=-3)
     with pytest.raises(openai.BadRequestError, match="maximum context length is 128"):
         client.completions.create(model="base", prompt=" ".join(WORDS * 6), max_tokens=16)
+    with pytest.raises(openai.BadRequestError, match="prompt is empty"):
+        client.completions.create(model="base", prompt="")
     with pytest.raises(openai.BadRequestError, match="not in the bank"):
         client.completions.create(model="base", prompt=PROMPT, extra_body={"lorahub_weights": {"m00": 1, "zz": 1}})
     with pytest.raises(openai.BadRequestError, match="r=8"):  # modules of different ranks do not compose

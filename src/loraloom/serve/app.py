@@ -184,6 +184,8 @@ def create_app(engine: Engine, cache: AdapterCache) -> FastAPI:
         max_tokens = body.max_tokens or default_max_tokens
         if max_tokens is None:  # chat: up to the end of the context
             max_tokens = max(1, (engine.max_positions or len(ids) + 256) - len(ids))
+        if not ids:
+            raise APIError(400, "the prompt is empty (no tokens)", param="prompt")
         try:
             engine.check_length(len(ids), max_tokens)
         except ValueError as e:
