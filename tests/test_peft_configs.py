@@ -125,6 +125,31 @@ def test_peft_config_case(arch, kwargs, tmp_path):
     check_merge_unmerge(model, arch)
 
 
+OTHER_TYPES = [
+    ("fourierft-layers+exclude+bias", "llama", lambda: peft.FourierFTConfig(
+        n_frequency=64, target_modules=["q_proj", "v_proj", "o_proj"], exclude_modules=["o_proj"],
+        layers_to_transform=[1], layers_pattern="layers", bias="fourier_only")),
+    ("fourierft-bias-all-gpt2", "gpt2", lambda: peft.FourierFTConfig(n_frequency=64, bias="all")),
+    ("ia3-exclude-regex", "t5", lambda: peft.IA3Config(exclude_modules=r"decoder\..*")),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("arch, make", [c[1:] for c in OTHER_TYPES], ids=[c[0] for c in OTHER_TYPES])
+def test_other_adapter_types_share_the_field_rules(arch, make, tmp_path):
+    torch.manual_seed(123)
+    pm = peft.get_peft_model(FACTORIES[arch](), make())
+    perturb_(pm)
+    pm.save_pretrained(tmp_path / "peft")
+    model = check_round_trip(arch, tmp_path / "peft", features(pm.eval(), arch), tmp_path)
+    theirs = sorted(
+        n.removeprefix("base_model.model.")
+        for n, m in pm.named_modules()
+        if isinstance(m, peft.tuners.tuners_utils.BaseTunerLayer)
+    )
+    assert sorted(adapted(model)) == theirs
+    check_merge_unmerge(model, arch)
+
+
 def test_layer_selection_is_what_the_fields_say(tmp_path):
     """Spelled out for two cases: layers_to_transform with its pattern, and exclude_modules."""
     model = ll.add_adapter(
