@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
 
 import pytest
@@ -13,7 +14,8 @@ from tiny_models import logits, model_inputs, tiny_llama, tiny_t5
 import loraloom as ll
 from loraloom.adapters import load_adapter
 from loraloom.data import collate, load_examples
-from loraloom.hub import Composition, Objective, compose, encode_few_shot, load_bank, read_weights
+from loraloom.hub import Composition, Objective, compose, encode_few_shot, layer_groups_of, load_bank, read_weights
+from loraloom.hub.result import read_layer_groups
 from loraloom.hub.select import select_random
 
 
@@ -23,9 +25,9 @@ def t5_setup(tmp_path):
     return model, make_modules(model, tmp_path / "modules", 4)
 
 
-def rescore(model, modules, weights, tok, **kwargs):
+def rescore(model, modules, weights, tok, layer_groups=None, **kwargs):
     """The objective of ``weights`` computed afresh, in a new composition."""
-    with Composition(model, load_bank(modules)) as composition:
+    with Composition(model, load_bank(modules), layer_groups) as composition:
         features = encode_few_shot(model, tok, load_examples(EXAMPLES))
         return Objective(composition, features, pad_token_id=0, **kwargs)(weights).values.item()
 
@@ -34,11 +36,14 @@ def rescore(model, modules, weights, tok, **kwargs):
 def test_lorahub_finds_better_weights_and_traces_every_evaluation(t5_setup, population):
     model, modules = t5_setup
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    result = ll.lorahub(model, modules, EXAMPLES, tokenizer=tokenizer(), budget=12, seed=1, population=population)
+    result = ll.lorahub(
+        model, modules, EXAMPLES, tokenizer=tokenizer(), budget=12, seed=1, population=population, mode="nevergrad"
+    )
     assert len(result.trace) == 12 and len(result.weights) == 4
     assert [e.index for e in result.trace] == list(range(12))
     assert result.trace[0].weights == [0.0] * 4  # nevergrad starts at w = 0
-    assert result.objective == min(e.objective for e in result.trace) <= result.trace[0].objective
+    assert result.objective == min(e.objective for e in result.trace)
+    assert result.objective < result.trace[0].objective - 1e-4  # it found weights better than the start
     assert result.weights == result.best.weights and len({tuple(e.weights) for e in result.trace}) > 6
     assert all(abs(w) <= 1.5 for e in result.trace for w in e.weights)
     assert all(e.objective == pytest.approx(e.loss + e.penalty) and e.seconds > 0 for e in result.trace)
@@ -148,7 +153,7 @@ def test_bad_input_is_reported_clearly(t5_setup, tmp_path):
     with pytest.raises(ValueError, match="cannot select 9 modules from a pool of 4"):
         ll.lorahub(model, pool=modules, num=9, examples=EXAMPLES, tokenizer=tok)
     with pytest.raises(ValueError, match="unknown nevergrad optimizer 'CMAES'; did you mean"):
-        ll.lorahub(model, modules, EXAMPLES, tokenizer=tok, optimizer="CMAES")
+        ll.lorahub(model, modules, EXAMPLES, tokenizer=tok, optimizer="CMAES", mode="nevergrad")
     with pytest.raises(ValueError, match="dtype must be one of"):
         ll.lorahub(model, modules, EXAMPLES, tokenizer=tok, dtype="fp16")
     with pytest.raises(ValueError, match="pass tokenizer"):
@@ -165,6 +170,108 @@ def test_nan_losses_do_not_crash_the_search(t5_setup):
     for name in bank.layers:  # module 0 makes the model produce inf / NaN
         bank.A[name][0].fill_(1e30)
         bank.B[name][0].fill_(1e30)
-    result = ll.lorahub(model, bank, EXAMPLES, tokenizer=tokenizer(), budget=10, optimizer="TwoPointsDE", population=2)
+    result = ll.lorahub(
+        model, bank, EXAMPLES, tokenizer=tokenizer(), budget=10, optimizer="TwoPointsDE", population=2, mode="nevergrad"
+    )
     values = [e.objective for e in result.trace]
     assert float("inf") in values and result.objective < float("inf")
+
+
+def test_settings_are_one_validated_object_saved_as_is(t5_setup, tmp_path):
+    model, modules = t5_setup
+    settings = ll.SearchSettings(mode="nevergrad", budget=5, population=2, optimizer="TwoPointsDE", seed=4)
+    result = ll.lorahub(model, modules, EXAMPLES, tokenizer=tokenizer(), settings=settings, alpha=0.1)
+    expected = dataclasses.replace(settings, alpha=0.1)
+    saved = json.loads((result.save(tmp_path / "out", plot=False) / "weights.json").read_text())["settings"]
+    fields = {f.name for f in dataclasses.fields(ll.SearchSettings)}
+    assert ll.SearchSettings(**{k: saved[k] for k in fields}) == expected  # reads back to the same object
+    assert saved["method"].startswith("nevergrad:TwoPointsDE") and saved["examples"] == len(EXAMPLES)
+    with pytest.raises(TypeError, match="unknown search option.*budgt"):
+        ll.lorahub(model, modules, EXAMPLES, tokenizer=tokenizer(), budgt=3)
+    with pytest.raises(ValueError, match="mode must be one of"):
+        ll.SearchSettings(mode="bayes")
+    with pytest.raises(ValueError, match="gradient_steps must lie in 1..budget-1"):
+        ll.SearchSettings(mode="hybrid", budget=4, gradient_steps=4)
+    with pytest.raises(ValueError, match="layer_groups must be None, 'stack' or a positive number"):
+        ll.SearchSettings(layer_groups="encoder")
+
+
+def test_timings_break_the_run_into_phases(t5_setup):
+    model, modules = t5_setup
+    result = ll.lorahub(model, modules, EXAMPLES, tokenizer=tokenizer(), budget=6, mode="hybrid", gradient_steps=2)
+    t = result.timings
+    phases = ("base_load", "tokenisation", "module_load", "imports", "composition", "forward", "backward", "optimizer")
+    assert all(t[k] >= 0 for k in phases) and t["forward"] > 0 and t["backward"] > 0 and t["composition"] > 0
+    inner = t["imports"] + t["composition"] + t["forward"] + t["backward"] + t["optimizer"]
+    assert inner == pytest.approx(t["search"], rel=0.05, abs=0.05)  # the phases account for the search
+    assert "merge" not in t
+    result.merge(tiny_t5())
+    assert t["merge"] > 0
+
+
+def test_hybrid_ends_with_gradient_steps_from_the_best_gradient_free_point(t5_setup):
+    model, modules = t5_setup
+    result = ll.lorahub(
+        model, modules, EXAMPLES, tokenizer=tokenizer(), mode="hybrid", budget=9, gradient_steps=3, population=1
+    )
+    assert len(result.trace) == 9 and result.settings["method"].endswith("+gradient:Adam")
+    first = result.trace[:6]
+    assert result.trace[6].weights == min(first, key=lambda e: e.objective).weights  # Adam starts at that best
+    assert result.objective <= min(e.objective for e in first)
+
+
+@pytest.mark.parametrize("mode", ["nevergrad", "gradient"])
+def test_per_layer_group_weights_are_searched_saved_and_merged(t5_setup, tmp_path, mode):
+    model, modules = t5_setup
+    result = ll.lorahub(
+        model, modules, EXAMPLES, tokenizer=tokenizer(), budget=6, mode=mode, layer_groups="stack", lr=0.2
+    )
+    assert len(result.weights) == 8 and result.settings["layer_groups"] == "stack"  # encoder, decoder x 4
+    assert result.objective == pytest.approx(
+        rescore(model, modules, result.weights, tokenizer(), layer_groups="stack"), abs=1e-5
+    )
+    out = result.save(tmp_path / "out", plot=False)
+    inputs = model_inputs("t5")
+    merged = compose(tiny_t5(), *read_weights(out), layer_groups=read_layer_groups(out))
+    loaded = load_adapter(tiny_t5(), out / "adapter", verbose=False)
+    assert torch.allclose(logits(loaded, inputs), logits(merged, inputs), atol=1e-5)
+    assert torch.allclose(logits(result.merge(tiny_t5()), inputs), logits(merged, inputs), atol=1e-5)
+    # the decoder's weights only reach decoder layers
+    w = [0.0] * 4 + [0.7, -0.3, 0.2, 1.1]
+    enc_only = compose(tiny_t5(), modules, w, layer_groups="stack")
+    base = tiny_t5()
+    assert all(
+        torch.equal(enc_only.get_submodule(n).weight, base.get_submodule(n).weight)
+        for n in load_bank(modules).layers
+        if n.startswith("encoder")
+    )
+    assert not all(
+        torch.equal(enc_only.get_submodule(n).weight, base.get_submodule(n).weight)
+        for n in load_bank(modules).layers
+        if n.startswith("decoder")
+    )
+
+
+def test_layer_groups_of_every_k_blocks():
+    layers = [
+        f"{s}.block.{i}.layer.0.SelfAttention.{m}" for s in ("encoder", "decoder") for i in range(3) for m in "qv"
+    ]
+    names, index = layer_groups_of(layers, 2)
+    assert names == ["encoder[0:2]", "encoder[2:4]", "decoder[0:2]", "decoder[2:4]"]
+    assert index == [0, 0, 0, 0, 1, 1, 2, 2, 2, 2, 3, 3]
+    assert layer_groups_of(["model.layers.0.q_proj", "model.layers.1.q_proj"], "stack") == (["layers"], [0, 0])
+
+
+def test_save_leaves_matplotlib_global_state_alone(t5_setup, tmp_path):
+    import matplotlib
+
+    model, modules = t5_setup
+    result = ll.lorahub(model, modules, EXAMPLES, tokenizer=tokenizer(), budget=3, mode="gradient")
+    previous = matplotlib.get_backend()
+    matplotlib.use("svg")
+    try:
+        result.save(tmp_path / "out")
+        assert matplotlib.get_backend() == "svg"  # not switched to Agg behind the user's back
+    finally:
+        matplotlib.use(previous)
+    assert (tmp_path / "out" / "trace.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -21,7 +21,7 @@ from .adapters import (
 from .data import DataError, Example, load_examples
 from .evaluate import EvalResult, evaluate, generate
 from .experiment import experiment, report  # the function shadows the subpackage: import from it by name
-from .hub import LoraHubResult, lorahub
+from .hub import LoraHubResult, SearchSettings, lorahub
 from .train import TrainResult, train
 
 __version__ = "0.1.0"
@@ -36,6 +36,7 @@ __all__ = [
     "IA3Config",
     "LoraConfig",
     "LoraHubResult",
+    "SearchSettings",
     "TrainResult",
     "add_adapter",
     "count_parameters",

@@ -43,8 +43,8 @@ from .data import TASKS, Example, default_label2id, load_examples
 from .demo import add_demo_arguments
 from .evaluate import evaluate
 from .experiment import DEFAULT_METHODS, METHODS, ExperimentSettings, experiment, load_results, report
-from .hub import DEFAULT_POPULATION, LoraHubResult, list_pool, lorahub
-from .hub.search import OptimizerError
+from .hub import DEFAULT_MODE, DEFAULT_POPULATION, MODES, LoraHubResult, list_pool, lorahub
+from .hub.search import DEFAULT_BUDGETS, OptimizerError
 from .train import FULL, adapter_config_for, save_full_model, train
 
 MODEL_CLASSES = {
@@ -582,14 +582,26 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--select", choices=("random", "retrieval"), default="random", help="default: %(default)s")
     p.add_argument("--examples", required=True, metavar="FILE", help="few-shot .jsonl, .json or .csv examples")
-    p.add_argument("--budget", type=int, default=40, help="objective evaluations (default: %(default)s)")
+    p.add_argument(
+        "--budget",
+        type=int,
+        help="objective evaluations, or Adam steps in gradient mode (default: "
+        + ", ".join(f"{mode} {n}" for mode, n in DEFAULT_BUDGETS.items())
+        + ")",
+    )
     p.add_argument("--seed", type=int, default=0, help="default: %(default)s")
     p.add_argument("--optimizer", default="NGOpt", help="a nevergrad optimizer name (default: %(default)s)")
     p.add_argument(
         "--population", type=int, default=DEFAULT_POPULATION, help="candidates a pass (default: %(default)s)"
     )
     p.add_argument("--objective", choices=("mean", "reference"), default="mean", help="default: %(default)s")
-    p.add_argument("--mode", choices=("nevergrad", "gradient"), default="nevergrad", help="default: %(default)s")
+    p.add_argument(
+        "--mode",
+        choices=MODES,
+        default=DEFAULT_MODE,
+        help="gradient: Adam on w; nevergrad: gradient-free (the paper); hybrid: nevergrad then Adam "
+        "(default: %(default)s)",
+    )
     p.add_argument("--bf16", action="store_true", help="evaluate in bfloat16")
     p.add_argument("--out", required=True, metavar="DIR", help="adapter/, weights.json, trace.csv, trace.png")
     p.add_argument("--merge", action="store_true", help="also save the base with the module merged, in OUT/merged")

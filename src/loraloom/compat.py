@@ -25,7 +25,7 @@ from torch.utils.data import DataLoader, Dataset
 from transformers import AutoTokenizer, default_data_collator
 
 from .adapters import read_adapter
-from .data import IGNORE_INDEX, Example, encode_causal, normalise_answer, pad_token_id_of, task_of
+from .data import IGNORE_INDEX, Example, encode_causal, pad_token_id_of, task_of
 from .evaluate import generate
 from .hub.bank import load_bank
 from .hub.compose import Composition
@@ -105,7 +105,7 @@ class _CustomScorer:
     def __init__(self, objective: Objective, dataset: FewShotDataset, batch_size, get_loss, get_regular) -> None:
         self.objective, self.dataset, self.batch_size = objective, dataset, batch_size
         self.get_loss, self.get_regular = get_loss, get_regular
-        self.n_modules = objective.n_modules
+        self.n_weights = objective.n_weights
 
     def __call__(self, w: torch.Tensor) -> Scores:
         if self.get_loss is default_get_loss:
@@ -181,18 +181,47 @@ def lorahub_inference(
 ) -> tuple[list[str], float | None]:
     """(predictions, exact-match accuracy in percent or None), as the reference's ``lorahub_inference``.
 
-    Greedy generation of up to 256 new tokens; answers are compared after strip, lower-case and removing
-    "." (``data.normalise_answer``).
+    Seq2seq models generate as the reference does: inputs in order, ``batch_size`` at a time, padded to
+    the batch's longest, greedy, up to 256 new tokens, decoded without special tokens and returned as
+    decoded (not stripped). Causal LMs, which the reference lacks, go through ``evaluate.generate``
+    (left padding, the prompt cut off, stripped). Answers are compared as the reference compares them
+    (``reference_normalise``).
     """
     model = load_base_model(model_or_name_path)[0] if isinstance(model_or_name_path, str) else model_or_name_path
     tokenizer = tokenizer_or_tokenizer_path
     if isinstance(tokenizer, str):
         tokenizer = AutoTokenizer.from_pretrained(tokenizer)
-    predictions = generate(model, tokenizer, list(example_inputs), REFERENCE_MAX_NEW_TOKENS, batch_size)
+    inputs = list(example_inputs)
+    if task_of(model) == "causal":
+        predictions = generate(model, tokenizer, inputs, REFERENCE_MAX_NEW_TOKENS, batch_size)
+    else:
+        predictions = _reference_generate(model, tokenizer, inputs, batch_size)
     if example_outputs is None:
         return predictions, None
-    correct = sum(normalise_answer(p) == normalise_answer(t) for p, t in zip(predictions, example_outputs, strict=True))
+    correct = sum(
+        reference_normalise(p) == reference_normalise(t) for p, t in zip(predictions, example_outputs, strict=True)
+    )
     return predictions, correct / len(predictions) * 100
+
+
+def reference_normalise(answer: str) -> str:
+    """The reference's exact-match key: strip, lower-case, then drop every "." (in that order, so
+    ``"(A) ."`` keeps its inner space and does not match ``"(A)"``)."""
+    return answer.strip().lower().replace(".", "")
+
+
+@torch.no_grad()
+def _reference_generate(model: nn.Module, tokenizer: Any, inputs: list[str], batch_size: int) -> list[str]:
+    """The reference's generation loop for seq2seq models, call for call."""
+    device = next(model.parameters()).device
+    predictions: list[str] = []
+    for start in range(0, len(inputs), batch_size):
+        batch = tokenizer(
+            inputs[start : start + batch_size], max_length=REFERENCE_MAX_LENGTH, return_tensors="pt", padding=True
+        ).to(device)
+        outputs = model.generate(input_ids=batch["input_ids"], max_new_tokens=REFERENCE_MAX_NEW_TOKENS)
+        predictions.extend(tokenizer.batch_decode(outputs.to("cpu"), skip_special_tokens=True))
+    return predictions
 
 
 __all__ = [
@@ -202,4 +231,5 @@ __all__ = [
     "default_l1_regularization",
     "lorahub_inference",
     "lorahub_learning",
+    "reference_normalise",
 ]

@@ -45,24 +45,48 @@ class ModuleBank:
     def layers(self) -> list[str]:
         return list(self.A)
 
-    def composed(self, weights: torch.Tensor | Sequence[float]) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-        """Per layer (A_hat, B_hat) = (Σ w_i·A_i, Σ w_i·B_i) for one weight vector of length N."""
-        w = self.check_weights(weights)
-        return {name: (_weighted_sum(w, self.A[name]), _weighted_sum(w, self.B[name])) for name in self.A}
+    def groups(self, layer_groups: str | int | None = None) -> tuple[list[str], list[int]]:
+        """(group names, group index of each layer in ``layers``): see ``layer_groups``."""
+        return layer_groups_of(self.layers, layer_groups)
 
-    def peft_tensors(self, weights: torch.Tensor | Sequence[float]) -> dict[str, torch.Tensor]:
+    def n_weights(self, layer_groups: str | int | None = None) -> int:
+        """How many weights a composition takes: N, or N per layer group (group-major)."""
+        return len(self) * len(self.groups(layer_groups)[0])
+
+    def composed(
+        self, weights: torch.Tensor | Sequence[float], layer_groups: str | int | None = None
+    ) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        """Per layer (A_hat, B_hat) = (Σ w_i·A_i, Σ w_i·B_i), w being the weights of the layer's group."""
+        w = self.check_weights(weights, layer_groups=layer_groups).view(-1, len(self))
+        _, index = self.groups(layer_groups)
+        return {
+            name: (_weighted_sum(w[g], self.A[name]), _weighted_sum(w[g], self.B[name]))
+            for name, g in zip(self.layers, index, strict=True)
+        }
+
+    def peft_tensors(
+        self, weights: torch.Tensor | Sequence[float], layer_groups: str | int | None = None
+    ) -> dict[str, torch.Tensor]:
         """The composed module under PEFT's saved key names."""
         out = {}
-        for name, (a, b) in self.composed(weights).items():
+        for name, (a, b) in self.composed(weights, layer_groups).items():
             out[f"{KEY_PREFIX}{name}.lora_A.weight"] = a
             out[f"{KEY_PREFIX}{name}.lora_B.weight"] = b
         return out
 
-    def check_weights(self, weights: torch.Tensor | Sequence[float], source: str = "weights") -> torch.Tensor:
-        """One weight per module, finite, as a float32 tensor; a clear error otherwise."""
+    def check_weights(
+        self, weights: torch.Tensor | Sequence[float], source: str = "weights", layer_groups: str | int | None = None
+    ) -> torch.Tensor:
+        """One weight per module (per layer group), finite, as a float32 tensor; a clear error otherwise."""
         w = torch.as_tensor(weights, dtype=torch.float32).detach().cpu()
-        if w.ndim != 1 or w.numel() != len(self):
-            raise ValueError(f"{source}: expected {len(self)} weights (one per module), got shape {tuple(w.shape)}")
+        n = self.n_weights(layer_groups)
+        if w.ndim != 1 or w.numel() != n:
+            per = (
+                "one per module"
+                if n == len(self)
+                else f"one per module per layer group: {n // len(self)} x {len(self)}"
+            )
+            raise ValueError(f"{source}: expected {n} weights ({per}), got shape {tuple(w.shape)}")
         if not torch.isfinite(w).all():
             raise ValueError(f"{source}: weights must be finite, got {w.tolist()}")
         return w
@@ -89,6 +113,40 @@ class ModuleBank:
                     f"module {self.names[0]}: layer {name!r} maps {k} -> {d} features but the base model's layer "
                     f"maps {d_in} -> {d_out} (modules trained for a different base model?)"
                 )
+
+
+def check_layer_groups(spec: str | int | None) -> None:
+    """None, "stack" or a positive int k (see ``layer_groups``); a clear error otherwise."""
+    if spec is None or spec == "stack":
+        return
+    if isinstance(spec, bool) or not isinstance(spec, int) or spec < 1:
+        raise ValueError(f"layer_groups must be None, 'stack' or a positive number of layers, got {spec!r}")
+
+
+def layer_groups_of(layers: Sequence[str], spec: str | int | None) -> tuple[list[str], list[int]]:
+    """(group names, the group index of each layer) for per-layer-group weights.
+
+    None: one group ("all"). "stack": one per stack (``encoder`` / ``decoder`` in a layer's path, else
+    one, "layers"). k: one per k consecutive blocks of each stack, a block being the first number in the
+    path (``encoder.block.3....`` is block 3 of the encoder). Groups are ordered encoder first, then by
+    block, whatever the order of the layers.
+    """
+    check_layer_groups(spec)
+    keys: list[tuple[int, int, str]] = []  # per layer: (stack rank, first block of the group, group name)
+    for layer in layers:
+        parts = layer.split(".")
+        stack = next((p for p in parts if p in ("encoder", "decoder")), "layers")
+        block = next((int(p) for p in parts if p.isdigit()), 0)
+        if spec is None:
+            keys.append((0, 0, "all"))
+        elif spec == "stack":
+            keys.append((stack == "decoder", 0, stack))
+        else:
+            first = block // spec * spec
+            keys.append((stack == "decoder", first, f"{stack}[{first}:{first + spec}]"))
+    ordered = sorted(set(keys))
+    names = [name for _, _, name in ordered]
+    return names, [ordered.index(key) for key in keys]
 
 
 def _weighted_sum(w: torch.Tensor, stacked: torch.Tensor) -> torch.Tensor:
@@ -217,4 +275,4 @@ def _check_same_architecture(
                 )
 
 
-__all__ = ["ModuleBank", "list_pool", "load_bank"]
+__all__ = ["ModuleBank", "check_layer_groups", "layer_groups_of", "list_pool", "load_bank"]

@@ -88,9 +88,10 @@ class Composition:
     base layers back. Use as a context manager to make sure the model is restored.
     """
 
-    def __init__(self, model: nn.Module, bank: ModuleBank) -> None:
+    def __init__(self, model: nn.Module, bank: ModuleBank, layer_groups: str | int | None = None) -> None:
         bank.check_base(model)
-        self.model, self.bank = model, bank
+        self.model, self.bank, self.layer_groups = model, bank, layer_groups
+        self.group_names, self.group_of = bank.groups(layer_groups)  # group_of: one index per bank layer
         self.layers: dict[str, ComposedLoraLayer] = {}
         for name in bank.layers:
             base = model.get_submodule(name)
@@ -102,11 +103,18 @@ class Composition:
         for name, layer in self.layers.items():
             set_submodule(model, name, layer)
 
+    @property
+    def n_weights(self) -> int:
+        """Weights per candidate: one per module, per layer group (group-major)."""
+        return len(self.bank) * len(self.group_names)
+
     def set_weights(self, weights: torch.Tensor | Sequence[float], dtype: torch.dtype | None = None) -> None:
-        """Weights of shape N (one composition) or P x N (population); ``dtype`` is the compute dtype."""
-        w = as_population(weights, len(self.bank)).to(self.device)
-        for layer in self.layers.values():
-            layer.set_weights(w, dtype)
+        """Weights of shape W (one composition) or P x W (population), W = ``n_weights``; ``dtype`` is the
+        compute dtype."""
+        w = as_population(weights, self.n_weights).to(self.device)
+        w = w.view(w.shape[0], len(self.group_names), len(self.bank))
+        for layer, g in zip(self.layers.values(), self.group_of, strict=True):
+            layer.set_weights(w[:, g], dtype)
 
     def clear(self) -> None:
         """Drop the composed tensors: the model runs as the base model until weights are set again."""
@@ -119,7 +127,7 @@ class Composition:
 
     def merge(self, weights: torch.Tensor | Sequence[float]) -> nn.Module:
         """Merge the composition for ``weights`` into the base weights and remove the layers."""
-        w = self.bank.check_weights(weights)
+        w = self.bank.check_weights(weights, layer_groups=self.layer_groups)
         with torch.no_grad():
             self.set_weights(w)
             for layer in self.layers.values():

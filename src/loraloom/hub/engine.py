@@ -7,38 +7,21 @@ best w -> result (merge into the base, or save as a PEFT folder). The base model
 
 from __future__ import annotations
 
+import contextlib
 import os
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from typing import Any
 
-import torch
 from torch import nn
 
-from ..data import Example, load_examples, pad_token_id_of
+from ..data import load_examples, pad_token_id_of
 from .bank import ModuleBank, load_bank
 from .compose import Composition
-from .objective import DEFAULT_ALPHA, Objective, encode_few_shot, parameters_in
+from .objective import Objective, encode_few_shot, parameters_in
 from .result import LoraHubResult
-from .search import (
-    DEFAULT_BOUNDS,
-    DEFAULT_BUDGET,
-    DEFAULT_OPTIMIZER,
-    SearchResult,
-    check_search_args,
-    gradient_search,
-    nevergrad_search,
-)
+from .search import SearchSettings, run_search
 from .select import METHODS, Selection, pool_modules, select_random, select_retrieval
-
-# Candidates scored per forward pass (nevergrad workers). FLAN-T5-small shapes, 5 examples, 2 CPU cores,
-# per candidate relative to one bare padded fp32 forward: 1 a pass ~1.0x (bf16 ~0.55x), 4 a pass ~0.62x
-# (bf16 ~0.38x), 8 a pass ~0.62x (bf16 ~0.36x) while leaving a budget of 40 only 5 rounds. The price of
-# workers: NGOpt then runs MetaModel instead of the sequential Cobyla, which found better weights in
-# benchmarks/lorahub_vs_reference.py (10.19 vs 10.56). population=1 is that sequential search.
-DEFAULT_POPULATION = 4
-MODES = ("nevergrad", "gradient")
-DTYPES = {None: None, "fp32": None, "float32": None, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16}
 
 
 def load_base_model(name_or_path: str) -> tuple[nn.Module, Any]:
@@ -50,13 +33,19 @@ def load_base_model(name_or_path: str) -> tuple[nn.Module, Any]:
     return auto.from_pretrained(name_or_path).eval(), AutoTokenizer.from_pretrained(name_or_path)
 
 
-def resolve_dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:
-    """None (fp32 evaluation) or torch.bfloat16, from "bf16", "fp32", a torch dtype or None."""
-    if isinstance(dtype, torch.dtype):
-        dtype = {torch.float32: None, torch.bfloat16: "bf16"}.get(dtype, str(dtype))
-    if dtype not in DTYPES:
-        raise ValueError(f"dtype must be one of 'fp32', 'bf16' (or None), got {dtype!r}")
-    return DTYPES[dtype]
+class _Clock:
+    """Wall seconds per phase of a run, in the order the phases ran."""
+
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = {}
+
+    @contextlib.contextmanager
+    def phase(self, name: str) -> Iterator[None]:
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - start
 
 
 def lorahub(
@@ -68,21 +57,12 @@ def lorahub(
     pool: str | os.PathLike | Sequence[str | os.PathLike] | None = None,
     num: int = 20,
     select: str = "random",
-    budget: int = DEFAULT_BUDGET,
-    seed: int = 0,
-    optimizer: str = DEFAULT_OPTIMIZER,
-    population: int = DEFAULT_POPULATION,
-    objective: str = "mean",
-    alpha: float = DEFAULT_ALPHA,
-    batch_size: int | None = None,
-    bounds: float = DEFAULT_BOUNDS,
-    dtype: str | torch.dtype | None = None,
-    mode: str = "nevergrad",
-    lr: float = 0.05,
+    settings: SearchSettings | None = None,
     max_length: int | None = None,
     input_field: str = "input",
     target_field: str = "target",
     progress: bool = False,
+    **options: Any,
 ) -> LoraHubResult:
     """Find weights w for ``modules`` (or ``num`` modules chosen from ``pool``) that fit ``examples``.
 
@@ -92,118 +72,65 @@ def lorahub(
         examples: few-shot (input, target) examples: a .jsonl/.json/.csv file, or a list of dicts,
             pairs or ``Example``s. Too-long examples are truncated to the model's limit with a warning.
         pool, num, select: instead of ``modules``, choose ``num`` modules from a pool (a folder of
-            module folders, or a list): ``"random"`` draws them with ``seed`` (the paper),
+            module folders, or a list): ``"random"`` draws them with the seed (the paper),
             ``"retrieval"`` keeps the ``num`` with the lowest few-shot loss on their own.
-        budget: objective evaluations (nevergrad) or Adam steps (gradient mode).
-        optimizer: a nevergrad optimizer name: "NGOpt" (the paper's), "CMA", "TwoPointsDE", "Cobyla", ...
-        population: candidates scored per forward pass (nevergrad's workers): 4 is ~1.6x faster a
-            candidate than 1 on CPU; 1 is the sequential search (NGOpt then picks Cobyla, as the
-            reference does), which can find better weights within a small budget.
-        objective: "mean" = mean token cross-entropy + alpha * mean|w| (default, alpha = 0.05), or
-            "reference" = the reference package's formula (its loss term is divided by the number of
-            examples and depends on ``batch_size``).
-        bounds: each weight lies in [-bounds, bounds]; the search starts at w = 0.
-        dtype: "bf16" evaluates in bfloat16 (faster on CPUs with AVX512-BF16 or AMX); default fp32.
-        mode: "nevergrad" (gradient-free, the paper) or "gradient" (Adam on w with learning rate ``lr``).
+        settings: how to search (``SearchSettings``: mode, budget, optimizer, population, seed, bounds,
+            lr, objective, alpha, dtype, layer_groups, ...); the defaults when None.
+        **options: any ``SearchSettings`` field by name, overriding ``settings``: ``budget=40, seed=1``.
 
     Returns a ``LoraHubResult``: best weights and objective, the trace of every evaluation, the modules
-    and how they were chosen; ``.save(dir)`` and ``.merge()``. The base model is not modified.
+    and how they were chosen, the settings and a time budget per phase; ``.save(dir)`` and ``.merge()``.
+    The base model is not modified.
 
     A search cut short (the optimizer failed, or Ctrl-C) still returns: the best weights evaluated so
     far, with ``complete=False``, ``interrupted`` and a one-line ``stopped`` (and a ``LoraHubWarning``).
     Nothing evaluated yet: the error (or the KeyboardInterrupt) is raised.
     """
-    if mode not in MODES:
-        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+    search = SearchSettings.from_options(settings, **options)
     if select not in METHODS:
         raise ValueError(f"select must be one of {METHODS}, got {select!r}")
-    check_search_args(budget, bounds, population)
-    compute_dtype = resolve_dtype(dtype)
     if examples is None:
         raise ValueError("no few-shot examples given: pass examples=[...] or a file")
     if (modules is None) == (pool is None):
         raise ValueError("pass either modules=[...] or pool=... (with num and select), not both or neither")
+    clock = _Clock()
 
-    timings: dict[str, float] = {}
-    clock = time.perf_counter()
-    if isinstance(base, (str, os.PathLike)):
-        model, loaded_tokenizer = load_base_model(str(base))
-        timings["load_model"] = time.perf_counter() - clock
-        tokenizer = tokenizer or loaded_tokenizer
-    else:
-        model = base
-    if tokenizer is None:
-        raise ValueError("pass tokenizer=... with a model object (or give the base model's folder or hub id)")
-    few_shot: list[Example] = load_examples(examples, input_field, target_field)
-    features = encode_few_shot(model, tokenizer, few_shot, max_length)
+    # LOAD: the base model, the examples as token ids, and the modules into a bank.
+    with clock.phase("base_load"):
+        model, tokenizer = _base_and_tokenizer(base, tokenizer)
+    with clock.phase("tokenisation"):
+        features = encode_few_shot(model, tokenizer, load_examples(examples, input_field, target_field), max_length)
     pad_token_id = pad_token_id_of(tokenizer)
+    with parameters_in(model, search.torch_dtype):
+        with clock.phase("module_load"):
+            selection = _select(modules, pool, num, select, search, model, features, pad_token_id, progress)
+            bank = modules if isinstance(modules, ModuleBank) else load_bank(selection.modules, progress=progress)
 
-    with parameters_in(model, compute_dtype):
-        if pool is not None:
-            candidates = pool_modules(pool)
-            if select == "random":
-                selection = select_random(candidates, num, seed)
-            else:
-                selection = select_retrieval(
-                    candidates, num, model, features, pad_token_id=pad_token_id, dtype=compute_dtype, progress=progress
-                )
-        elif isinstance(modules, ModuleBank):
-            selection = Selection("given", list(modules.names), len(modules))
-        else:
-            names = [str(m) for m in modules] if not isinstance(modules, (str, os.PathLike)) else [str(modules)]
-            selection = Selection("given", names, len(names))
-        clock = time.perf_counter()
-        bank = modules if isinstance(modules, ModuleBank) else load_bank(selection.modules, progress=progress)
-        timings["load_modules"] = time.perf_counter() - clock
-
-        with Composition(model, bank) as composition:
-            scorer = Objective(
+        # COMPOSE: install the composed layers; SEARCH: minimise the objective over w.
+        with Composition(model, bank, search.layer_groups) as composition, clock.phase("search"):
+            objective = Objective(
                 composition,
                 features,
                 pad_token_id=pad_token_id,
-                kind=objective,
-                alpha=alpha,
-                batch_size=batch_size,
-                dtype=compute_dtype,
+                kind=search.objective,
+                alpha=search.alpha,
+                batch_size=search.batch_size,
+                dtype=search.torch_dtype,
             )
-            if mode == "gradient":
-                found: SearchResult = gradient_search(scorer, steps=budget, lr=lr, bounds=bounds, progress=progress)
-            else:
-                found = nevergrad_search(
-                    scorer,
-                    optimizer=optimizer,
-                    budget=budget,
-                    bounds=bounds,
-                    population=population,
-                    seed=seed,
-                    progress=progress,
-                )
+            found = run_search(objective, search, progress=progress)
 
-    settings = {
-        "method": found.method,
-        "mode": mode,
-        "optimizer": optimizer if mode == "nevergrad" else "Adam",
-        "budget": budget,
-        "population": population if mode == "nevergrad" else 1,
-        "seed": seed,
-        "objective": objective,
-        "alpha": alpha,
-        "batch_size": batch_size,
-        "bounds": bounds,
-        "dtype": "bf16" if compute_dtype is not None else "fp32",
-        "examples": len(features),
-    }
-    if mode == "gradient":
-        settings["lr"] = lr
+    # RESULT: the best evaluated weights, the trace, and where the time went.
+    timings = {**clock.seconds, **objective.seconds, "imports": found.import_seconds}
+    timings["optimizer"] = max(timings["search"] - sum(objective.seconds.values()) - found.import_seconds, 0.0)
     return LoraHubResult(
         weights=found.weights,
         objective=found.objective,
         trace=found.trace,
         modules=list(bank.names),
         selection=selection,
-        settings=settings,
+        settings={**search.to_dict(), "method": found.method, "examples": len(features)},
         seconds=found.seconds,
-        timings={**timings, "search": found.seconds},
+        timings=timings,
         bank=bank,
         model=model,
         complete=found.complete,
@@ -213,13 +140,40 @@ def lorahub(
     )
 
 
+def _base_and_tokenizer(base: nn.Module | str | os.PathLike, tokenizer: Any) -> tuple[nn.Module, Any]:
+    if isinstance(base, (str, os.PathLike)):
+        model, loaded = load_base_model(str(base))
+        return model, tokenizer or loaded
+    if tokenizer is None:
+        raise ValueError("pass tokenizer=... with a model object (or give the base model's folder or hub id)")
+    return base, tokenizer
+
+
+def _select(modules, pool, num, select, search, model, features, pad_token_id, progress) -> Selection:
+    """Which modules to compose: the given ones, or ``num`` from the pool (random with the seed, or retrieval)."""
+    if pool is not None:
+        candidates = pool_modules(pool)
+        if select == "random":
+            return select_random(candidates, num, search.seed)
+        return select_retrieval(
+            candidates, num, model, features, pad_token_id=pad_token_id, dtype=search.torch_dtype, progress=progress
+        )
+    if isinstance(modules, ModuleBank):
+        return Selection("given", list(modules.names), len(modules))
+    names = [str(modules)] if isinstance(modules, (str, os.PathLike)) else [str(m) for m in modules]
+    return Selection("given", names, len(names))
+
+
 def compose(
-    base_model: nn.Module, modules: Sequence[str | os.PathLike] | ModuleBank, weights: Sequence[float]
+    base_model: nn.Module,
+    modules: Sequence[str | os.PathLike] | ModuleBank,
+    weights: Sequence[float],
+    layer_groups: str | int | None = None,
 ) -> nn.Module:
     """Merge the composition of ``modules`` with ``weights`` (e.g. from ``read_weights``) into ``base_model``."""
     bank = modules if isinstance(modules, ModuleBank) else load_bank(modules, base_model=base_model)
-    bank.check_weights(weights)
-    return Composition(base_model, bank).merge(weights)
+    bank.check_weights(weights, layer_groups=layer_groups)
+    return Composition(base_model, bank, layer_groups).merge(weights)
 
 
-__all__ = ["DEFAULT_POPULATION", "compose", "load_base_model", "lorahub", "resolve_dtype"]
+__all__ = ["compose", "load_base_model", "lorahub"]

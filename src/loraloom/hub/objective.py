@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import inspect
+import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -159,6 +160,9 @@ class Objective:
         self._micro_batches: dict[int, list[tuple[list[int], dict[str, torch.Tensor]]]] = {}
         self._memo: dict[bytes, torch.Tensor] = {}  # w (float32 bytes) -> its per-example loss sums
         self._logits_to_keep = "logits_to_keep" in inspect.signature(self.model.forward).parameters
+        # Wall seconds spent composing (A_hat, B_hat per layer), in forward passes and (gradient mode)
+        # in backward passes: the time budget ``lorahub`` reports.
+        self.seconds = {"composition": 0.0, "forward": 0.0, "backward": 0.0}
 
     def micro_batches(self, population: int) -> list[tuple[list[int], dict[str, torch.Tensor]]]:
         """(example indices, padded batch) per micro-batch for ``population`` candidates; fixed per size."""
@@ -179,8 +183,9 @@ class Objective:
         return out
 
     @property
-    def n_modules(self) -> int:
-        return len(self.composition.bank)
+    def n_weights(self) -> int:
+        """Weights per candidate: one per module (per layer group)."""
+        return self.composition.n_weights
 
     # ---- the pure function ------------------------------------------------------------------
 
@@ -190,7 +195,7 @@ class Objective:
         Each distinct w is computed once and remembered, so a w scores the same wherever it shows up
         (a row's last bits could otherwise depend on its batch-mates through the matmul blocking).
         """
-        w = as_population(weights, self.n_modules).detach()
+        w = as_population(weights, self.n_weights).detach()
         keys = [row.numpy().tobytes() for row in w]
         fresh = list(dict.fromkeys(k for k in keys if k not in self._memo))
         if fresh:
@@ -205,12 +210,16 @@ class Objective:
         was_training = self.model.training
         self.model.eval()
         try:
+            start = time.perf_counter()
             self.composition.set_weights(w, self.dtype)
+            composed = time.perf_counter()
             p = w.shape[0]
             sums = torch.zeros(p, self.n_examples, dtype=torch.float64)
             for idx, batch in self.micro_batches(p):
                 per_row = self._row_loss_sums({k: v.repeat(p, 1) for k, v in batch.items()})
                 sums = sums.index_add(1, torch.tensor(idx), per_row.view(p, len(idx)).double().cpu())
+            self.seconds["composition"] += composed - start
+            self.seconds["forward"] += time.perf_counter() - composed
             return sums
         finally:
             self.composition.clear()

@@ -14,6 +14,7 @@ import io
 import json
 import math
 import os
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -38,7 +39,9 @@ class LoraHubResult:
     selection: Selection
     settings: dict[str, Any] = field(default_factory=dict)  # optimizer, budget, seed, objective kind, ...
     seconds: float = 0.0  # search wall time
-    timings: dict[str, float] = field(default_factory=dict)  # seconds per phase: load_model, load_modules, search
+    # Wall seconds per phase: base_load, tokenisation, module_load, search (= imports + composition + forward
+    # + backward + optimizer), and merge once merged. imports: the optimizer library, imported on first use.
+    timings: dict[str, float] = field(default_factory=dict)
     bank: ModuleBank | None = field(default=None, repr=False)
     model: nn.Module | None = field(default=None, repr=False)  # the base model, left as it was given
     complete: bool = True  # False: the search was cut short (see ``stopped``); ``weights`` are the best so far
@@ -55,7 +58,15 @@ class LoraHubResult:
         model = model if model is not None else self.model
         if model is None or self.bank is None:
             raise ValueError("this result holds no model or module bank to merge (was it read from disk?)")
-        return Composition(model, self.bank).merge(self.weights)
+        start = time.perf_counter()
+        merged = Composition(model, self.bank, self.layer_groups).merge(self.weights)
+        self.timings["merge"] = time.perf_counter() - start
+        return merged
+
+    @property
+    def layer_groups(self) -> str | int | None:
+        """None (one weight per module), "stack" or k: how ``weights`` map to layers (see ``SearchSettings``)."""
+        return self.settings.get("layer_groups")
 
     def save_adapter(self, out_dir: str | os.PathLike) -> Path:
         """The composed module (A_hat, B_hat per layer) as a PEFT LoRA folder."""
@@ -64,7 +75,7 @@ class LoraHubResult:
         config = dataclasses.replace(
             self.bank.config, init_lora_weights=True, lora_dropout=0.0, base_model_name_or_path=self._base_name()
         )
-        return write_adapter_folder(out_dir, config, self.bank.peft_tensors(self.weights))
+        return write_adapter_folder(out_dir, config, self.bank.peft_tensors(self.weights, self.layer_groups))
 
     def _base_name(self) -> str | None:
         name = getattr(getattr(self.model, "config", None), "_name_or_path", None)
@@ -115,17 +126,15 @@ def trace_csv(trace: list[Evaluation], modules: list[str]) -> str:
 
 def plot_trace(result: LoraHubResult, path: str | os.PathLike) -> None:
     """Objective per evaluation (with the best so far) beside the final weights as bars."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from matplotlib.figure import Figure  # a Figure of its own: no pyplot, no process-wide backend
 
     values = [e.objective for e in result.trace]
     best, running = [], math.inf
     for v in values:
         running = min(running, v)
         best.append(running)
-    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
+    fig = Figure(figsize=(11, 4))
+    left, right = fig.subplots(1, 2)
     left.plot(range(1, len(values) + 1), values, ".", color="tab:gray", label="evaluation")
     left.plot(range(1, len(values) + 1), best, "-", color="tab:blue", label="best so far")
     nonfinite = [i for i, v in enumerate(values, 1) if not math.isfinite(v)]
@@ -143,11 +152,13 @@ def plot_trace(result: LoraHubResult, path: str | os.PathLike) -> None:
     right.set_xticks(range(len(result.weights)), [Path(m).name for m in result.modules], rotation=90, fontsize=6)
     fig.tight_layout()
     fig.savefig(path, format="png", dpi=100)
-    plt.close(fig)
 
 
 def read_weights(path: str | os.PathLike, modules: list[str] | None = None) -> tuple[list[str], list[float]]:
-    """(modules, weights) from a weights.json; with ``modules`` given, the counts must agree."""
+    """(modules, weights) from a weights.json; with ``modules`` given, the counts must agree.
+
+    Per-layer-group weights (``settings.layer_groups`` set) hold one weight per module per group,
+    group-major; pass ``layer_groups=read_layer_groups(path)`` to ``compose`` with them."""
     path = Path(path)
     if path.is_dir():
         path = path / WEIGHTS_FILE
@@ -161,11 +172,24 @@ def read_weights(path: str | os.PathLike, modules: list[str] | None = None) -> t
     if not all(isinstance(w, (int, float)) and not isinstance(w, bool) and math.isfinite(w) for w in weights):
         raise ValueError(f"{path}: 'weights' must hold finite numbers")
     file_modules = data.get("modules")
-    if not isinstance(file_modules, list) or len(file_modules) != len(weights):
-        raise ValueError(f"{path}: 'modules' must list one module per weight ({len(weights)} weights)")
-    if modules is not None and len(modules) != len(weights):
+    grouped = (data.get("settings") or {}).get("layer_groups") is not None
+    per = "per weight of a layer group" if grouped else "per weight"
+
+    def fits(n: int) -> bool:  # one weight per module, or per module per group
+        return n > 0 and (len(weights) % n == 0 if grouped else len(weights) == n)
+
+    if not isinstance(file_modules, list) or not fits(len(file_modules)):
+        raise ValueError(f"{path}: 'modules' must list one module {per} ({len(weights)} weights)")
+    if modules is not None and not fits(len(modules)):
         raise ValueError(f"{path}: holds {len(weights)} weights but {len(modules)} modules were given")
     return [str(m) for m in (modules if modules is not None else file_modules)], [float(w) for w in weights]
 
 
-__all__ = ["LoraHubResult", "plot_trace", "read_weights", "trace_csv"]
+def read_layer_groups(path: str | os.PathLike) -> str | int | None:
+    """The ``layer_groups`` setting a weights.json was found with (None: one weight per module)."""
+    path = Path(path)
+    data = json.loads((path / WEIGHTS_FILE if path.is_dir() else path).read_text())
+    return (data.get("settings") or {}).get("layer_groups")
+
+
+__all__ = ["LoraHubResult", "plot_trace", "read_layer_groups", "read_weights", "trace_csv"]

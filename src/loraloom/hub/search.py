@@ -12,24 +12,33 @@ pure function of w), whereas an optimizer's own recommendation may be a point it
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import difflib
 import math
 import time
 import warnings
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Any, Protocol
 
 import numpy as np
 import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from .objective import Objective, Scores
+from .bank import check_layer_groups
+from .objective import DEFAULT_ALPHA, KINDS, Objective, Scores
 
 DEFAULT_OPTIMIZER = "NGOpt"
 DEFAULT_BUDGET = 40
 DEFAULT_BOUNDS = 1.5
+DEFAULT_POPULATION = 4
+DEFAULT_LR = 0.05
+DEFAULT_GRADIENT_STEPS = 8
+DEFAULT_MODE = "gradient"  # measured: benchmarks/lorahub_search.py, see benchmarks/README.md
+MODES = ("nevergrad", "gradient", "hybrid")
+DEFAULT_BUDGETS = {"nevergrad": DEFAULT_BUDGET, "gradient": 12, "hybrid": DEFAULT_BUDGET}
+DTYPES = ("fp32", "bf16")
 
 
 @dataclass
@@ -52,6 +61,7 @@ class SearchResult:
     trace: list[Evaluation] = field(default_factory=list)
     method: str = ""  # e.g. "nevergrad:NGOpt>Cobyla" or "gradient:Adam"
     seconds: float = 0.0
+    import_seconds: float = 0.0  # of that, importing the optimizer library (nevergrad: ~2 s the first time)
     complete: bool = True  # False: cut short (an optimizer error, or interrupted) before the budget was spent
     interrupted: bool = False  # cut short by KeyboardInterrupt (Ctrl-C)
     stopped: str = ""  # why it was cut short, one line ("" when complete)
@@ -100,6 +110,174 @@ def check_search_args(budget: int, bounds: float, population: int = 1) -> None:
         raise ValueError(f"population must be a positive integer, got {population!r}")
 
 
+@dataclass(frozen=True)
+class SearchSettings:
+    """How ``lorahub`` searches for w: checked once on creation, saved as is (``to_dict``) in weights.json."""
+
+    mode: str = DEFAULT_MODE
+    """"nevergrad" (gradient-free, the paper), "gradient" (Adam on w), or "hybrid" (nevergrad, then
+    ``gradient_steps`` Adam steps from the best w it found)."""
+    budget: int | None = None
+    """Evaluations: candidates scored (nevergrad) or Adam steps (gradient); hybrid spends it on both.
+    None: the mode's default, ``DEFAULT_BUDGETS`` (nevergrad 40 as in the paper, gradient 12 steps, which
+    cost about as much as 17 plain forward passes)."""
+    optimizer: str = DEFAULT_OPTIMIZER
+    """A nevergrad optimizer by name: "NGOpt" (the paper's), "CMA", "TwoPointsDE", "Cobyla", ..."""
+    population: int = DEFAULT_POPULATION
+    """Candidates scored per forward pass (nevergrad's workers). 1 is the sequential search (NGOpt then
+    runs Cobyla, as the reference does)."""
+    seed: int = 0
+    """The optimizer's random state (and the random module selection of ``lorahub``)."""
+    bounds: float = DEFAULT_BOUNDS
+    """Every weight lies in [-bounds, bounds]."""
+    lr: float = DEFAULT_LR
+    """Adam's learning rate (gradient and hybrid modes)."""
+    gradient_steps: int = DEFAULT_GRADIENT_STEPS
+    """Hybrid mode: the Adam steps that end the budget."""
+    sigma: float | None = None
+    """The gradient-free optimizer's initial step size; nevergrad's default when None."""
+    objective: str = "mean"
+    """The formula: "mean" (mean token cross-entropy + alpha·mean|w|) or "reference" (the reference
+    package's: its loss term is divided by the number of examples and depends on ``batch_size``)."""
+    alpha: float = DEFAULT_ALPHA
+    """Weight of the L1 penalty alpha·mean|w|."""
+    batch_size: int | None = None
+    """Examples per batch of the "reference" formula (all of them when None); "mean" ignores it."""
+    dtype: str = "fp32"
+    """"fp32", or "bf16" to evaluate in bfloat16 (faster on CPUs with AVX512-BF16 or AMX)."""
+    layer_groups: str | int | None = None
+    """None: one weight per module (the paper). "stack": one per module per stack (encoder / decoder);
+    an int k: one per module per k consecutive layers of each stack."""
+
+    def __post_init__(self) -> None:
+        if self.mode not in MODES:
+            raise ValueError(f"mode must be one of {MODES}, got {self.mode!r}")
+        if self.budget is None:
+            object.__setattr__(self, "budget", DEFAULT_BUDGETS[self.mode])
+        check_search_args(self.budget, self.bounds, self.population)
+        if not isinstance(self.seed, int) or isinstance(self.seed, bool):
+            raise ValueError(f"seed must be an integer, got {self.seed!r}")
+        if not self.lr > 0:
+            raise ValueError(f"lr must be positive, got {self.lr!r}")
+        if self.sigma is not None and not self.sigma > 0:
+            raise ValueError(f"sigma must be positive or None, got {self.sigma!r}")
+        if self.mode == "hybrid" and not (
+            isinstance(self.gradient_steps, int) and 0 < self.gradient_steps < self.budget
+        ):
+            raise ValueError(
+                f"gradient_steps must lie in 1..budget-1 = 1..{self.budget - 1} in hybrid mode, got {self.gradient_steps!r}"
+            )
+        if self.objective not in KINDS:
+            raise ValueError(f"objective must be one of {KINDS}, got {self.objective!r}")
+        if not self.alpha >= 0:
+            raise ValueError(f"alpha must be >= 0, got {self.alpha!r}")
+        if self.batch_size is not None and (not isinstance(self.batch_size, int) or self.batch_size < 1):
+            raise ValueError(f"batch_size must be a positive integer or None, got {self.batch_size!r}")
+        if self.dtype not in DTYPES:
+            raise ValueError(f"dtype must be one of {DTYPES}, got {self.dtype!r}")
+        check_layer_groups(self.layer_groups)
+
+    @classmethod
+    def from_options(cls, settings: SearchSettings | None = None, **options: Any) -> SearchSettings:
+        """``settings`` (default: the defaults) with ``options`` replaced; unknown names are a clear error."""
+        names = [f.name for f in dataclasses.fields(cls)]
+        unknown = sorted(set(options) - set(names))
+        if unknown:
+            raise TypeError(f"unknown search option(s) {', '.join(unknown)}; SearchSettings has {', '.join(names)}")
+        if "dtype" in options:
+            options["dtype"] = dtype_name(options["dtype"])
+        return cls(**options) if settings is None else dataclasses.replace(settings, **options)
+
+    @property
+    def torch_dtype(self) -> torch.dtype | None:
+        """The compute dtype: None (fp32, as the model is) or torch.bfloat16."""
+        return torch.bfloat16 if self.dtype == "bf16" else None
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def dtype_name(dtype: str | torch.dtype | None) -> str:
+    """ "fp32" or "bf16" from a name, a torch dtype or None (fp32)."""
+    aliases = {None: "fp32", "float32": "fp32", "bfloat16": "bf16", torch.float32: "fp32", torch.bfloat16: "bf16"}
+    return aliases.get(dtype, dtype)
+
+
+def run_search(
+    objective: Objective,
+    settings: SearchSettings,
+    *,
+    random_state: np.random.RandomState | None = None,
+    progress: bool = False,
+) -> SearchResult:
+    """Minimise ``objective`` as ``settings`` say: nevergrad, Adam, or nevergrad then Adam (hybrid)."""
+    s = settings
+    if s.mode == "gradient":
+        return gradient_search(objective, steps=s.budget, lr=s.lr, bounds=s.bounds, progress=progress)
+    start = time.perf_counter()
+    import nevergrad  # noqa: F401  (deferred: slow to import, and gradient mode does without it)
+
+    import_seconds = time.perf_counter() - start
+    if s.mode == "hybrid":
+        found = hybrid_search(objective, s, random_state=random_state, progress=progress)
+    else:
+        found = nevergrad_search(
+            objective,
+            optimizer=s.optimizer,
+            budget=s.budget,
+            bounds=s.bounds,
+            population=s.population,
+            seed=s.seed,
+            random_state=random_state,
+            sigma=s.sigma,
+            progress=progress,
+        )
+    return dataclasses.replace(found, seconds=found.seconds + import_seconds, import_seconds=import_seconds)
+
+
+def hybrid_search(
+    objective: Objective,
+    settings: SearchSettings,
+    *,
+    random_state: np.random.RandomState | None = None,
+    progress: bool = False,
+) -> SearchResult:
+    """Gradient-free for ``budget - gradient_steps`` evaluations, then Adam from the best w found."""
+    s = settings
+    first = nevergrad_search(
+        objective,
+        optimizer=s.optimizer,
+        budget=s.budget - s.gradient_steps,
+        bounds=s.bounds,
+        population=s.population,
+        seed=s.seed,
+        random_state=random_state,
+        sigma=s.sigma,
+        progress=progress,
+    )
+    if not first.complete:  # cut short (an optimizer error, Ctrl-C): what it kept is the result
+        return first
+    second = gradient_search(
+        objective, steps=s.gradient_steps, lr=s.lr, bounds=s.bounds, init=first.weights, progress=progress
+    )
+    trace = first.trace + [
+        dataclasses.replace(e, index=len(first.trace) + e.index, elapsed=first.seconds + e.elapsed)
+        for e in second.trace
+    ]
+    best = min(trace, key=lambda e: e.objective)
+    return dataclasses.replace(
+        first,
+        weights=best.weights,
+        objective=best.objective,
+        trace=trace,
+        method=f"{first.method}+{second.method}",
+        seconds=first.seconds + second.seconds,
+        complete=second.complete,
+        interrupted=second.interrupted,
+        stopped=second.stopped,
+    )
+
+
 def make_optimizer(
     name: str,
     n: int,
@@ -143,7 +321,7 @@ def _describe(optimizer) -> str:
 class Scorer(Protocol):
     """What the nevergrad search needs: scores for P x N weights (``Objective`` is one)."""
 
-    n_modules: int
+    n_weights: int  # weights per candidate
 
     def __call__(self, weights: torch.Tensor) -> Scores: ...
 
@@ -172,6 +350,7 @@ def nevergrad_search(
     population: int = 1,
     seed: int = 0,
     random_state: np.random.RandomState | None = None,
+    sigma: float | None = None,
     progress: bool = False,
 ) -> SearchResult:
     """Minimise the objective with a nevergrad optimizer over ``budget`` evaluations, P at a time.
@@ -189,8 +368,8 @@ def nevergrad_search(
 
     check_search_args(budget, bounds, population)
     population = _population_for(optimizer, population)
-    n = objective.n_modules
-    opt = make_optimizer(optimizer, n, budget, bounds, population, random_state or np.random.RandomState(seed))
+    n = objective.n_weights
+    opt = make_optimizer(optimizer, n, budget, bounds, population, random_state or np.random.RandomState(seed), sigma)
     if population > 1:
         # Parallel optimizers sample their first candidates around the init; score w = 0 itself too
         # (sequential NGOpt / Cobyla ask for it first anyway).
@@ -274,19 +453,20 @@ def gradient_search(
     objective: Objective,
     *,
     steps: int = DEFAULT_BUDGET,
-    lr: float = 0.05,
+    lr: float = DEFAULT_LR,
     bounds: float = DEFAULT_BOUNDS,
-    init: float | None = None,
+    init: float | Sequence[float] | None = None,
     progress: bool = False,
 ) -> SearchResult:
     """Adam on w (one forward + backward per step), clamped to [-bounds, bounds] after each step.
 
-    w starts at ``init`` (default 1/N) for every module, not at 0: at w = 0 both A_hat and B_hat vanish
-    and so does the gradient of B_hat·A_hat.
+    w starts at ``init``: a vector, or one value for every module (default 1/N), not 0: at w = 0 both
+    A_hat and B_hat vanish and so does the gradient of B_hat·A_hat.
     """
     check_search_args(steps, bounds)
-    n = objective.n_modules
-    w = torch.full((1, n), 1.0 / n if init is None else float(init), requires_grad=True)
+    n = objective.n_weights
+    start = torch.full((n,), 1.0 / n) if init is None else torch.as_tensor(init, dtype=torch.float32).expand(n)
+    w = start.clone().reshape(1, n).requires_grad_(True)
     adam = torch.optim.Adam([w], lr=lr)
     tracer = _Tracer(objective, steps, progress, "lorahub Adam")
     stop: KeyboardInterrupt | None = None
@@ -325,8 +505,10 @@ def _adam_step(objective: Objective, w: torch.Tensor, adam: torch.optim.Adam, bo
     adam.zero_grad()
     with torch.enable_grad():
         scores = objective.scores(w, objective.token_loss_sums(w))
+        backward = time.perf_counter()
         if torch.isfinite(scores.values).all():
             scores.values.sum().backward()
+        objective.seconds["backward"] += time.perf_counter() - backward
     tracer.record(w.detach().clone(), _detached(scores), time.perf_counter() - start)
     if w.grad is None or not torch.isfinite(w.grad).all():
         return False
@@ -343,15 +525,23 @@ def _detached(scores: Scores) -> Scores:
 __all__ = [
     "DEFAULT_BOUNDS",
     "DEFAULT_BUDGET",
+    "DEFAULT_BUDGETS",
+    "DEFAULT_GRADIENT_STEPS",
+    "DEFAULT_LR",
     "DEFAULT_OPTIMIZER",
+    "DEFAULT_POPULATION",
+    "MODES",
     "NONFINITE_SCORE",
     "Evaluation",
     "LoraHubWarning",
     "OptimizerError",
     "Scorer",
     "SearchResult",
+    "SearchSettings",
     "check_search_args",
     "gradient_search",
+    "hybrid_search",
     "make_optimizer",
     "nevergrad_search",
+    "run_search",
 ]
