@@ -15,6 +15,7 @@ from loraloom.compat import (
     lorahub_inference,
     lorahub_learning,
     reference_features,
+    reference_normalise,
 )
 from loraloom.hub import Composition, Objective, compose, load_bank
 
@@ -128,3 +129,53 @@ def test_bad_input(saved_t5, tmp_path):
     edit_config(nameless[0], base_model_name_or_path=None)
     with pytest.raises(ValueError, match="names no base model"):
         lorahub_learning(nameless, INPUTS, OUTPUTS, 5)
+
+
+def reference_key(s: str) -> str:
+    """The reference's accuracy_score comparison, literally: output.strip().lower().replace(".", "")."""
+    return s.strip().lower().replace(".", "")
+
+
+@pytest.mark.parametrize(
+    "prediction, truth, same",
+    [
+        ("(A) .", "(A)", False),  # strip before removing ".": the inner space stays
+        ("(A).", "(a)", True),
+        ("  Yes. ", "yes", True),
+        ("yes .", "yes", False),
+        (". yes", "yes", False),
+        ("a.b", "ab", True),
+    ],
+)
+def test_answers_are_compared_as_the_reference_compares_them(prediction, truth, same):
+    assert (reference_normalise(prediction) == reference_normalise(truth)) is same
+    assert reference_normalise(prediction) == reference_key(prediction)
+
+
+class SpacedTokenizer:
+    """A tokenizer whose decoded texts carry surrounding spaces, as some real tokenizers' do."""
+
+    def __init__(self, tok):
+        self.tok = tok
+
+    def __call__(self, *args, **kwargs):
+        return self.tok(*args, **kwargs)
+
+    def batch_decode(self, *args, **kwargs):
+        return [f" {text} " for text in self.tok.batch_decode(*args, **kwargs)]
+
+
+def test_inference_returns_predictions_as_decoded_and_scores_them_as_the_reference(saved_t5):
+    model, tok = tiny_t5(), SpacedTokenizer(tokenizer())
+    predictions, _ = lorahub_inference(INPUTS[:3], model, tok, batch_size=2)
+    assert all(p.startswith(" ") and p.endswith(" ") for p in predictions)  # returned raw, not stripped
+    raw = []
+    for start in (0, 2):  # the reference's loop: padded batches in order, input_ids only, 256 new tokens
+        batch = tok(INPUTS[start : min(start + 2, 3)], max_length=2048, return_tensors="pt", padding=True)
+        raw += tok.batch_decode(
+            model.generate(input_ids=batch["input_ids"], max_new_tokens=256), skip_special_tokens=True
+        )
+    assert predictions == raw
+    truths = [predictions[0].strip().upper() + ".", predictions[1].strip() + " .", "x"]  # match, no match, no
+    _, accuracy = lorahub_inference(INPUTS[:3], model, tok, 2, example_outputs=truths)
+    assert accuracy == pytest.approx(100 / 3)  # "(A) ."-like answers do not match, as in the reference
