@@ -274,10 +274,17 @@ def test_settings_are_validated_and_hashed():
     ):
         with pytest.raises(ValueError, match=next(iter(bad))):
             ExperimentSettings(**bad)
+    with pytest.raises(ValueError, match="lorahub_options: unknown search option.s. populaton"):
+        ExperimentSettings(lorahub_options={"populaton": 1})
+    search = ExperimentSettings(lorahub_options={"population": 1}).cell_fields("lorahub")["search"]
+    assert (
+        search["population"] == 1 and search["mode"] == "nevergrad" and search["budget"] == 40 and "seed" not in search
+    )
+    assert "optimizer" in search  # LoraHub's own defaults are hashed too: a changed default makes new cells
     with pytest.raises(ValueError, match="unknown experiment setting"):
         ExperimentSettings.from_dict({"bugdet": 3})
     lora, lorahub = ExperimentSettings().cell_fields("lora"), ExperimentSettings().cell_fields("lorahub")
-    assert "budget" not in lora and "lr_lora" in lora and "budget" in lorahub and "epochs" not in lorahub
+    assert "budget" not in lora and "lr_lora" in lora and "search" in lorahub and "epochs" not in lorahub
 
 
 def test_cli_experiment_and_report(world, tmp_path, capsys):

@@ -23,9 +23,9 @@ from ..evaluate import evaluate
 from ..hub import encode_few_shot, lorahub, select_retrieval
 from ..hub.objective import model_max_length
 from ..train import FULL, adapter_config_for, train
-from .settings import GRADIENT_METHODS, ExperimentSettings
+from .settings import GRADIENT_METHODS, LORAHUB_METHODS, ExperimentSettings
 
-POOL_METHODS = ("lorahub", "lorahub-retrieval", "lorahub-gradient", "retrieval-best")
+POOL_METHODS = (*LORAHUB_METHODS, "retrieval-best")
 
 
 @dataclass
@@ -111,9 +111,11 @@ def icl(job: Job, model: nn.Module, tokenizer: Any) -> Outcome:
     return outcome
 
 
-def run_lorahub(job: Job, model: nn.Module, tokenizer: Any, *, select: str, mode: str) -> Outcome:
-    """``ll.lorahub`` on the learning examples (N modules from the pool), then the composition scored."""
+def run_lorahub(job: Job, model: nn.Module, tokenizer: Any) -> Outcome:
+    """``ll.lorahub`` on the learning examples (N modules from the pool, chosen and searched as the method
+    says: ``LORAHUB_METHODS``), then the composition scored."""
     s = job.settings
+    select, mode = LORAHUB_METHODS[job.method]
     num = min(s.num_modules, len(job.pool))
     result = lorahub(
         model,
@@ -146,21 +148,6 @@ def run_lorahub(job: Job, model: nn.Module, tokenizer: Any, *, select: str, mode
     if not result.complete:  # an optimizer error ended the search early: the best weights so far, noted
         outcome.reason = f"LoraHub search cut short after {len(result.trace)} evaluations: {result.stopped}"
     return outcome
-
-
-def lorahub_random(job: Job, model: nn.Module, tokenizer: Any) -> Outcome:
-    """The paper's LoraHub: N modules drawn at random with the seed, gradient-free search."""
-    return run_lorahub(job, model, tokenizer, select="random", mode="nevergrad")
-
-
-def lorahub_retrieval(job: Job, model: nn.Module, tokenizer: Any) -> Outcome:
-    """LoraHub over the N pool modules with the lowest loss on the learning examples."""
-    return run_lorahub(job, model, tokenizer, select="retrieval", mode="nevergrad")
-
-
-def lorahub_gradient(job: Job, model: nn.Module, tokenizer: Any) -> Outcome:
-    """LoraHub with Adam on the weights instead of the gradient-free search."""
-    return run_lorahub(job, model, tokenizer, select="random", mode="gradient")
 
 
 def retrieval_best(job: Job, model: nn.Module, tokenizer: Any) -> Outcome:
@@ -209,9 +196,7 @@ def gradient_baseline(job: Job, model: nn.Module, tokenizer: Any) -> Outcome:
 METHODS: dict[str, Callable[[Job, nn.Module, Any], Outcome]] = {
     "zero-shot": zero_shot,
     "icl": icl,
-    "lorahub": lorahub_random,
-    "lorahub-retrieval": lorahub_retrieval,
-    "lorahub-gradient": lorahub_gradient,
+    **dict.fromkeys(LORAHUB_METHODS, run_lorahub),
     "retrieval-best": retrieval_best,
     **dict.fromkeys(GRADIENT_METHODS, gradient_baseline),
 }

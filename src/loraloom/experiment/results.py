@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from ..adapters.peft_format import atomic_write
+from .settings import LORAHUB_METHODS
 from .store import COLUMNS, Store
 
 REPORT_MD, RESULTS_CSV, PLOTS_DIR = "report.md", "results.csv", "plots"
@@ -27,7 +28,7 @@ REPORT_MD, RESULTS_CSV, PLOTS_DIR = "report.md", "results.csv", "plots"
 
 def shows_best(method: str) -> bool:
     """LoraHub methods report the average and the best over seeds (the paper's Table 1)."""
-    return method.startswith("lorahub")
+    return method in LORAHUB_METHODS
 
 
 @dataclass

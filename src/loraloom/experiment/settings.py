@@ -6,7 +6,9 @@ N = 20 modules, budget K = 40, gradient baselines trained 40 epochs on the same 
 ``replace(**changes)`` makes a new, validated copy.
 
 A cell (task, method, seed, run) is keyed by the hash of only the settings its method reads
-(``cell_fields``): changing the LoraHub budget makes new LoraHub cells and keeps every LoRA cell.
+(``cell_fields``): changing the LoraHub budget makes new LoraHub cells and keeps every LoRA cell. LoraHub
+cells hash the search as it will run (``SearchSettings``, LoraHub's defaults included), so a changed
+default in the engine makes new cells too.
 """
 
 from __future__ import annotations
@@ -17,10 +19,17 @@ import json
 from dataclasses import dataclass, field
 from typing import Any
 
+from ..hub.search import SearchSettings
 from ..train import DEFAULT_LR
 
 # What the runner passes to ll.lorahub itself; lorahub_options must not set these.
 LORAHUB_RESERVED = ("base", "modules", "examples", "tokenizer", "pool", "num", "select", "budget", "seed", "mode")
+# The LoraHub methods: how each chooses its N modules and searches; the rest of the search is lorahub_options.
+LORAHUB_METHODS = {
+    "lorahub": ("random", "nevergrad"),  # the paper's: N drawn with the seed, gradient-free search
+    "lorahub-retrieval": ("retrieval", "nevergrad"),  # the N with the lowest loss on the learning examples
+    "lorahub-gradient": ("random", "gradient"),  # Adam on w instead of the gradient-free search
+}
 GRADIENT_METHODS = ("lora", "ia3", "fourierft", "full")
 
 
@@ -92,6 +101,11 @@ class ExperimentSettings:
                 f"ExperimentSettings.lorahub_options sets {reserved}: the harness passes these itself "
                 "(use num_modules, budget, the seeds and the methods lorahub / lorahub-retrieval / lorahub-gradient)"
             )
+        for method in LORAHUB_METHODS:  # unknown or bad search options fail here, not in every cell
+            try:
+                self.search_settings(method)
+            except (TypeError, ValueError) as e:
+                raise ValueError(f"ExperimentSettings.lorahub_options: {e}") from e
         if not isinstance(self.adapter_options, dict):
             raise ValueError(f"ExperimentSettings.adapter_options must be a dict, got {self.adapter_options!r}")
         unknown = sorted(set(self.adapter_options) - {"lora", "ia3", "fourierft"})
@@ -126,14 +140,21 @@ class ExperimentSettings:
         names = ["shots", "max_test", "split_seed", "max_new_tokens", "batch_size"]
         if method == "icl":
             names += ["icl_separator", "max_context"]
-        elif method.startswith("lorahub"):
-            names += ["num_modules", "budget", "lorahub_options"]
+        elif method in LORAHUB_METHODS:
+            names += ["num_modules"]
         elif method in GRADIENT_METHODS:
             names += ["epochs", f"lr_{method}", "train_batch_size"]
         values = {name: getattr(self, name) for name in names}
+        if method in LORAHUB_METHODS:  # the search as it will run, LoraHub's defaults included (not the seed)
+            values["search"] = {k: v for k, v in self.search_settings(method).to_dict().items() if k != "seed"}
         if method in self.adapter_options:
             values["adapter_options"] = self.adapter_options[method]
         return values
+
+    def search_settings(self, method: str) -> SearchSettings:
+        """The LoraHub search of ``method``'s cells (with seed 0; each cell uses its own seed)."""
+        mode = LORAHUB_METHODS[method][1]
+        return SearchSettings.from_options(None, **{**self.lorahub_options, "mode": mode, "budget": self.budget})
 
     def hash(self) -> str:
         """A stable hash of every setting."""
@@ -152,4 +173,4 @@ def _check_int(settings: ExperimentSettings, name: str, *, minimum: int) -> None
         raise ValueError(f"ExperimentSettings.{name} must be an integer >= {minimum}, got {value!r}")
 
 
-__all__ = ["GRADIENT_METHODS", "LORAHUB_RESERVED", "ExperimentSettings", "stable_hash"]
+__all__ = ["GRADIENT_METHODS", "LORAHUB_METHODS", "LORAHUB_RESERVED", "ExperimentSettings", "stable_hash"]
