@@ -17,7 +17,7 @@ from loraloom.adapters.fourierft import TrackedParameter
 
 def fourierft_layer() -> FourierFTLayer:
     torch.manual_seed(0)
-    return FourierFTLayer(nn.Linear(16, 12), n_frequency=40, scaling=50.0)
+    return FourierFTLayer(nn.Linear(16, 12).requires_grad_(False), n_frequency=40, scaling=50.0)  # frozen base
 
 
 def reference(layer: FourierFTLayer, x: torch.Tensor) -> torch.Tensor:
@@ -40,14 +40,17 @@ EDITS = {
     "spectrum.data +=": lambda layer: layer.fourierft_spectrum.data.add_(1.0),
     "spectrum.data =": lambda layer: setattr(layer.fourierft_spectrum, "data", torch.randn(40)),
     "spectrum no_grad copy_": lambda layer: torch.no_grad()(layer.fourierft_spectrum.copy_)(torch.randn(40)),
-    "optimizer step": lambda layer: _sgd_step(layer),
+    "optimizer step": lambda layer: _step(layer, torch.optim.SGD, {}),
+    "fused AdamW step (no version bump)": lambda layer: _step(layer, torch.optim.AdamW, {"fused": True}),
+    "trained base weight, fused AdamW": lambda layer: _step(layer, torch.optim.AdamW, {"fused": True}, base=True),
 }
 
 
-def _sgd_step(layer: FourierFTLayer) -> None:
-    opt = torch.optim.SGD([layer.fourierft_spectrum], lr=1.0)
-    layer.fourierft_spectrum.grad = torch.ones(40)
-    opt.step()
+def _step(layer: FourierFTLayer, optimizer, kwargs, base: bool = False) -> None:
+    p = layer.base_layer.weight if base else layer.fourierft_spectrum
+    p.requires_grad_(True)
+    p.grad = torch.ones_like(p)
+    optimizer([p], lr=1.0, **kwargs).step()
 
 
 @pytest.mark.parametrize("edit", EDITS, ids=list(EDITS))
@@ -67,11 +70,11 @@ def test_the_cache_is_reused_when_nothing_changed():
     layer = fourierft_layer()
     with torch.no_grad():
         layer(torch.randn(2, 16))
-        first = layer._cache[1]
+        first = layer._cache[-1]
         layer(torch.randn(2, 16))
         _ = layer.base_layer.weight.dtype, layer.base_layer.weight.shape  # reads that are not .data
         layer(torch.randn(2, 16))
-    assert layer._cache[1] is first
+    assert layer._cache[-1] is first
 
 
 def test_writes_outside_torch_need_clear_cache():

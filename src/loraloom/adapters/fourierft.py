@@ -68,9 +68,8 @@ class TrackedParameter(nn.Parameter):
 
     In-place writes through ``p.data`` (``p.data += x``, ``p.data.copy_(y)``, ``p.data = t``) do not bump
     ``p._version``, so a cache keyed on the version alone would go stale; any access to ``.data`` bumps
-    this counter instead (a read only costs a rebuild of the cache). FourierFT layers put their base
-    weight and their coefficients in this class while installed, and give the base weight back as a plain
-    ``nn.Parameter`` when removed.
+    this counter instead (a read only costs a rebuild of the cache). A FourierFT layer puts its base
+    weight in this class while installed and gives it back as a plain ``nn.Parameter`` when removed.
     """
 
     @property
@@ -193,9 +192,8 @@ class FourierFTLayer(AdapterLayer):
         }
         for key, t in buffers.items():
             self.register_buffer(key, t.to(w.device), persistent=False)
-        track_data_writes(self.fourierft_spectrum)
         track_data_writes(base_layer.weight)
-        self._cache: tuple | None = None  # (key, W + ΔW)
+        self._cache: tuple | None = None  # (key of W, spectrum copy, W + ΔW)
 
     def delta_weight(self) -> torch.Tensor:
         """scaling · Re(ifft2(S)) in the nn.Linear layout (d_out x d_in), fp32, differentiable."""
@@ -225,21 +223,25 @@ class FourierFTLayer(AdapterLayer):
     def cached_weight(self) -> torch.Tensor:
         """W + ΔW (nn.Linear layout, W's dtype, summed in fp32), rebuilt only when the spectrum or W changed.
 
-        No autograd graph: _FourierFTLinear supplies the gradient. Both tensors are keyed on what changes
-        with every edit a user can make through torch: the object, its storage, its version counter
-        (in-place ops, optimizer steps, load_state_dict) and, through TrackedParameter, any use of
-        ``.data``. Not seen: writes from outside torch into the same memory (a NumPy view from
-        ``.numpy()``, a ctypes pointer), or a base weight replaced by a tensor subclass other than
-        nn.Parameter after the layer was built; call ``clear_cache()`` after such writes.
+        No autograd graph: _FourierFTLinear supplies the gradient. The n coefficients are compared by
+        value, which sees every write (fused optimizers, for one, do not bump the version counter). The
+        frozen base weight, too large to compare, is keyed on what changes with every edit made through
+        torch: the object, its storage, its version counter (in-place ops, load_state_dict) and, through
+        TrackedParameter, any use of ``.data``. A base weight that trains is never cached (``forward``).
+        Not seen: writes into the base weight's memory from outside torch (a NumPy view from ``.numpy()``,
+        a ctypes pointer), or by a tensor subclass other than nn.Parameter put in its place after the layer
+        was built; call ``clear_cache()`` after such writes.
         """
         w, spectrum = self.base_layer.weight, self.fourierft_spectrum
         if type(w) is nn.Parameter:  # the weight was replaced by a new Parameter: track that one
             track_data_writes(w)
-        key = (change_key(w), change_key(spectrum))
-        if self._cache is None or self._cache[0] != key:
+        key = change_key(w) + (spectrum.dtype, spectrum.device)
+        cache = self._cache
+        if cache is None or cache[0] != key or not torch.equal(cache[1], spectrum):
             with torch.no_grad():
-                self._cache = (key, (self.base_weight().float() + self.delta_weight()).to(w.dtype))
-        return self._cache[1]
+                weight = (self.base_weight().float() + self.delta_weight()).to(w.dtype)
+                self._cache = cache = (key, spectrum.detach().clone(), weight)
+        return cache[2]
 
     def clear_cache(self) -> None:
         """Drop W + ΔW; the next no-grad forward rebuilds it (for writes the cache cannot see)."""
@@ -255,8 +257,10 @@ class FourierFTLayer(AdapterLayer):
         if self.merged:
             return self.base_layer(x)
         weight, bias = self.base_layer.weight, self.base_layer.bias
+        if weight.requires_grad:  # rare: the base trains too (a fused optimizer step bumps no version): no cache
+            return F.linear(x, self.base_weight() + self.delta_weight().to(weight.dtype), bias)
         if torch.is_grad_enabled():
-            if weight.requires_grad or (bias is not None and bias.requires_grad):  # rare: the base trains too
+            if bias is not None and bias.requires_grad:
                 return F.linear(x, self.base_weight() + self.delta_weight().to(weight.dtype), bias)
             if self.fourierft_spectrum.requires_grad:
                 return _FourierFTLinear.apply(x, self.fourierft_spectrum, self)
