@@ -86,6 +86,29 @@ def test_mixed_batch_rows_match_each_adapter_alone(tmp_path, arch):
         assert torch.allclose(model(**inputs).logits, base, atol=1e-6)
 
 
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_mixed_batch_decode_step_matches_each_adapter_alone(tmp_path, arch):
+    """One decode token after a KV cache, every row through its own adapter: logits as each row alone."""
+    factory, targets = ARCHS[arch]
+    model = factory()
+    _adapters(model, tmp_path, targets)
+    cache = AdapterCache(tmp_path)
+    plan = [None, "m00", "w00", "q00", "m01", "m00"]
+    g = torch.Generator().manual_seed(5)
+    ids = torch.randint(3, VOCAB, (len(plan), 7), generator=g)
+    step = torch.randint(3, VOCAB, (len(plan), 1), generator=g)
+    MultiLora(model).set_rows([cache.get(p) if p else None for p in plan])
+    with torch.no_grad():
+        past = model(input_ids=ids, use_cache=True).past_key_values
+        got = model(input_ids=step, past_key_values=past, use_cache=True).logits[:, -1]
+    for i, p in enumerate(plan):
+        alone = load_adapter(factory(), tmp_path / p) if p else factory()
+        with torch.no_grad():
+            past = alone(input_ids=ids[i : i + 1], use_cache=True).past_key_values
+            want = alone(input_ids=step[i : i + 1], past_key_values=past, use_cache=True).logits[:, -1]
+        assert torch.allclose(got[i : i + 1], want, atol=1e-5, rtol=1e-5), f"row {i} ({p})"
+
+
 def test_batch_must_match_the_rows_named(tmp_path):
     model = tiny_llama()
     make_modules(model, tmp_path, 2, targets=["q_proj"])
