@@ -121,9 +121,13 @@ def ll_zero_shot(job, model, tokenizer):
 
 
 def test_report_rows_columns_and_files(world, tmp_path):
-    settings = FAST.replace(gradient_runs=2)
+    settings = FAST.replace(gradient_runs=2, adapter_options={"lora": {"r": 2, "target_modules": ["q", "v"]}})
     results = run(world, tmp_path / "run", ["zero-shot", "lorahub", "lora"], seeds=(1, 2), settings=settings)
     assert len(results) == 2 * 2 * (1 + 1 + 2)
+    lora_rows = [r for r in results if r["method"] == "lora"]
+    assert {r["details"]["adapter"]["r"] for r in lora_rows} == {2} and len(
+        {r["details"]["train_seed"] for r in lora_rows}
+    ) == 4
     lines = results.markdown().splitlines()
     assert lines[0] == "| Task | zero-shot | lorahub avg | lorahub best | lora |"
     assert [line.split(" | ")[0] for line in lines[2:5]] == ["| copy_words", "| reverse_words", "| **Average**"]
