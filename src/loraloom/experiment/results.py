@@ -228,20 +228,20 @@ def report_markdown(results: Results, info: dict[str, Any], plot_files: list[str
         "",
         "## Exact match (%)",
         "",
-        "Mean over seeds (gradient baselines: of the mean over runs); LoraHub: average and best seed. "
-        "† some cells of this task and method failed.",
+        "Mean over seeds (gradient baselines: of the mean over runs); LoraHub: average and best seed."
+        + (" † some cells of this task and method failed." if "failed" in statuses else ""),
         "",
         results.markdown(),
     ]
     if plot_files:
         lines += ["## Plots", ""] + [f"![{Path(f).stem}]({PLOTS_DIR}/{f})" for f in plot_files] + [""]
+    lines += ["## Settings", "", "```json", json.dumps(info.get("settings", {}), indent=2, sort_keys=True), "```", ""]
+    for method in results.methods:  # what LoraHub reports it ran with (one cell's; only the seed differs)
+        ran = next((r for r in results.rows if r["method"] == method and r["status"] == "done" and r["details"]), None)
+        if ran and "lorahub_settings" in ran["details"]:
+            search = {k: v for k, v in ran["details"]["lorahub_settings"].items() if k != "seed"}
+            lines += [f"{method} search, as run:", "", "```json", json.dumps(search, sort_keys=True), "```", ""]
     lines += [
-        "## Settings",
-        "",
-        "```json",
-        json.dumps(info.get("settings", {}), indent=2, sort_keys=True),
-        "```",
-        "",
         f"Every cell, with its settings hash, predictions file, LoraHub weights and modules: {RESULTS_CSV} "
         "and results.sqlite.",
         "",
