@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import statistics
 import sys
 import tempfile
@@ -100,10 +101,12 @@ def main() -> None:
             scorer.token_loss_sums(torch.ones(1, len(bank)))
             times.append(time.perf_counter() - t)
         forward = statistics.median(times[1:])  # one unpadded fp32 candidate
-        for name in args.searches.split(","):
-            fields = parse_search(name)
-            dtype = {"bf16": torch.bfloat16}.get(fields.pop("dtype", None))
-            previous = None
+    for name in re.split(r",(?![^{]*})", args.searches):  # commas inside {...} belong to the JSON
+        fields = parse_search(name)
+        dtype = {"bf16": torch.bfloat16}.get(fields.pop("dtype", None))
+        previous = None
+        with Composition(model, bank, fields.get("layer_groups")) as composition:
+            scorer = Objective(composition, features, pad_token_id=0)
             for seed in range(1, args.seeds + 1):
                 settings = SearchSettings(**{"budget": 40, **fields, "seed": seed})
                 if name == "reference":
