@@ -167,15 +167,16 @@ class SpacedTokenizer:
 
 def test_inference_returns_predictions_as_decoded_and_scores_them_as_the_reference(saved_t5):
     model, tok = tiny_t5(), SpacedTokenizer(tokenizer())
-    predictions, _ = lorahub_inference(INPUTS[:3], model, tok, batch_size=2)
+    inputs = INPUTS[1:4]  # one batch of 2, then 1
+    predictions, _ = lorahub_inference(inputs, model, tok, batch_size=2)
     assert all(p.startswith(" ") and p.endswith(" ") for p in predictions)  # returned raw, not stripped
     raw = []
-    for start in (0, 2):  # the reference's loop: padded batches in order, input_ids only, 256 new tokens
-        batch = tok(INPUTS[start : min(start + 2, 3)], max_length=2048, return_tensors="pt", padding=True)
+    for batch_inputs in (inputs[:2], inputs[2:]):  # the reference's loop: padded batches in order, input_ids only
+        batch = tok(batch_inputs, max_length=2048, return_tensors="pt", padding=True)
         raw += tok.batch_decode(
             model.generate(input_ids=batch["input_ids"], max_new_tokens=256), skip_special_tokens=True
         )
     assert predictions == raw
     truths = [predictions[0].strip().upper() + ".", predictions[1].strip() + " .", "x"]  # match, no match, no
-    _, accuracy = lorahub_inference(INPUTS[:3], model, tok, 2, example_outputs=truths)
+    _, accuracy = lorahub_inference(inputs, model, tok, 2, example_outputs=truths)
     assert accuracy == pytest.approx(100 / 3)  # "(A) ."-like answers do not match, as in the reference
