@@ -55,3 +55,22 @@ def test_ray_run_equals_the_serial_run(tmp_path, ray_local):
         assert {k: a[k] for k in same} == {k: b[k] for k in same}
         assert (tmp_path / "serial" / a["predictions"]).read_text() == (tmp_path / "ray" / b["predictions"]).read_text()
     assert ray.is_initialized()  # a Ray instance the caller started is left running
+
+
+@pytest.mark.slow
+def test_ray_true_starts_and_stops_its_own_local_instance(tmp_path):
+    assert not ray.is_initialized()
+    world = build_world(tmp_path)
+    kwargs = dict(
+        pool=world["pool"],
+        tasks=f"bbh:{world['tasks']}",
+        methods=["zero-shot", "lorahub"],
+        seeds=[1],
+        settings=FAST,
+        progress=False,
+    )
+    serial = ll.experiment(world["base"], out=tmp_path / "serial", **kwargs)
+    on_ray = ll.experiment(world["base"], out=tmp_path / "ray", ray=True, **kwargs)
+    assert not ray.is_initialized()  # the instance it started is shut down
+    same = ("task", "method", "seed", "score", "weights", "modules")
+    assert [{k: r[k] for k in same} for r in serial] == [{k: r[k] for k in same} for r in on_ray]
