@@ -19,6 +19,7 @@ from torch import nn
 
 from ..adapters.base import AdapterError, AdapterLayer
 from ..adapters.inject import set_submodule
+from ..adapters.lora import lora_delta
 from .bank import ModuleBank, _weighted_sum
 
 
@@ -74,7 +75,7 @@ class ComposedLoraLayer(AdapterLayer):
         """s·B_hat·A_hat (d_out x d_in, fp32) for a single composition, as merge needs."""
         if self.A_hat is None or self.A_hat.shape[0] != 1:
             raise AdapterError("merge needs exactly one composition: set one weight vector first")
-        return (self.B_hat[0].float() @ self.A_hat[0].float()) * self.scaling
+        return lora_delta(self.A_hat[0], self.B_hat[0], self.scaling)  # the one LoRA update, as LoraLayer's
 
     def extra_repr(self) -> str:
         n, r = self.bank_A.shape[:2]
