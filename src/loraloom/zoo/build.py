@@ -34,6 +34,7 @@ from tqdm.auto import tqdm
 from transformers import AutoModelForSeq2SeqLM, AutoTokenizer, PreTrainedTokenizerFast, T5ForConditionalGeneration
 
 from ..adapters import LoraConfig
+from ..adapters.inject import get_config
 from ..adapters.peft_format import adapter_state_dict, atomic_write, write_adapter_folder
 from ..data import Example, collate, encode_seq2seq
 from ..evaluate import evaluate
@@ -47,6 +48,8 @@ ZOO_VERSION = 1
 # instructed held-out tasks ship too, but the base solves them zero-shot (it composes the instruction's
 # category and format words by itself: 1.00 on all 8 when measured), so no method can improve on them.
 DEMO_ASKING = "bare"
+# What the shipped modules name as their base (a name, not a path on the machine that built them).
+BASE_NAME = "loraloom-zoo/base"
 
 
 @dataclass(frozen=True)
@@ -229,7 +232,10 @@ def train_module(base, tokenizer, spec: world.TaskSpec, out_dir: Path, settings:
     """One LoRA for ``spec`` on a copy of ``base``; saved in fp16; returns its exact match on its own task."""
     model = copy.deepcopy(base)
     config = LoraConfig(
-        r=settings.module_rank, lora_alpha=settings.module_alpha, target_modules=list(settings.module_targets)
+        r=settings.module_rank,
+        lora_alpha=settings.module_alpha,
+        target_modules=list(settings.module_targets),
+        base_model_name_or_path=BASE_NAME,  # not the build machine's path
     )
     train(
         model,
@@ -250,7 +256,7 @@ def train_module(base, tokenizer, spec: world.TaskSpec, out_dir: Path, settings:
             if p.requires_grad:
                 p.copy_(p.half().float())
     score = score_tasks(model, tokenizer, [spec], settings)[spec.name]
-    write_adapter_folder(out_dir, config, tensors)
+    write_adapter_folder(out_dir, get_config(model), tensors)  # as resolved for the model: task_type set
     return score
 
 
@@ -276,7 +282,8 @@ def ship(out: Path, work: Path, base, tokenizer, settings: BuildSettings, base_s
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}."))
     try:
-        save_base_fp16(base, tokenizer, tmp / "base")
+        # A freshly made tokenizer (the same vocabulary) saves without a loaded one's local-path fields.
+        save_base_fp16(base, make_tokenizer(), tmp / "base")
         for name in module_scores:
             shutil.copytree(work / "modules" / name, tmp / "modules" / name)
         (tmp / "tasks").mkdir()
