@@ -247,3 +247,18 @@ def test_refused_field_at_its_off_value_loads(saved_adapter, field, off, tmp_pat
     config = json.loads((saved_adapter / CONFIG_NAME).read_text())
     (saved_adapter / CONFIG_NAME).write_text(json.dumps({**config, field: off}))
     ll.load_adapter(FACTORIES["llama"](), saved_adapter, verbose=False)
+
+
+def test_olora_on_conv1d_is_refused_before_any_change(saved_adapter, tmp_path):
+    """OLoRA factors a linear weight; on GPT-2's Conv1D it is refused, naming the layer, base untouched."""
+    model = ll.add_adapter(FACTORIES["gpt2"](), ll.LoraConfig(r=2, init_lora_weights=False), verbose=False)
+    folder = ll.save_adapter(model, tmp_path / "a")
+    config = json.loads((folder / CONFIG_NAME).read_text())
+    (folder / CONFIG_NAME).write_text(json.dumps({**config, "init_lora_weights": "olora"}))
+    base = FACTORIES["gpt2"]()
+    before = {k: v.clone() for k, v in base.state_dict().items()}
+    with pytest.raises(ll.AdapterError, match=r"c_attn.*'olora' is not supported on Conv1D"):
+        ll.load_adapter(base, folder)
+    assert all(torch.equal(v, before[k]) for k, v in base.state_dict().items())
+    with pytest.raises(ll.AdapterError, match="olora"):
+        ll.add_adapter(FACTORIES["gpt2"](), ll.LoraConfig(init_lora_weights="olora"), verbose=False)

@@ -127,6 +127,10 @@ class AdapterConfig:
     def make_layer(self, name: str, base_layer: nn.Module) -> AdapterLayer:
         raise NotImplementedError
 
+    def init_layer(self, name: str, layer: AdapterLayer) -> None:
+        """Initialisation that reads or rewrites the base weight (LoRA's PiSSA / OLoRA), run by ``add_adapter``
+        once every layer is built, so that a layer refused on the way leaves no base weight changed."""
+
     def prepare_loaded(self, layer: AdapterLayer) -> None:
         """Called for each layer after saved weights are loaded into it: what PEFT does to the base at load
         time for this config (LoRA's PiSSA/OLoRA re-derive the residual base weight). Nothing by default."""

@@ -250,6 +250,9 @@ def add_adapter(model: nn.Module, config: AdapterConfig, *, verbose: bool = True
     save_names = modules_to_save_of(model, resolved)
     make = resolved.make_layer if init else getattr(resolved, "make_empty_layer", resolved.make_layer)
     layers = {name: make(name, model.get_submodule(name)) for name in names}
+    if init:
+        for name, layer in layers.items():
+            resolved.init_layer(name, layer)
     # PEFT records Conv1D targets (GPT-2) as fan_in_fan_out=True and warns otherwise.
     resolved.fan_in_fan_out = any(layer.fan_in_fan_out for layer in layers.values())
     install_layers(model, layers)

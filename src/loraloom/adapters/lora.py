@@ -16,7 +16,7 @@ from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 from .base import AdapterConfig, AdapterError, AdapterLayer, kaiming_uniform_, pattern_value
-from .lora_init import init_from_base_, orthogonal_init_, residual_base_
+from .lora_init import check_base_init, init_from_base_, orthogonal_init_, residual_base_
 
 # Default LoRA targets per `model.config.model_type`, as in PEFT.
 DEFAULT_LORA_TARGETS: dict[str, list[str]] = {
@@ -117,7 +117,7 @@ class LoraConfig(AdapterConfig):
         init = self.init_lora_weights
         if not (init in INIT_CHOICES or init in INIT_LOAD_ONLY or is_pissa(init)) or init == "pissa_niter_N":
             raise AdapterError(
-                f"LoraConfig.init_lora_weights must be one of {INIT_CHOICES[:-1] + INIT_LOAD_ONLY} (N a number "
+                f"LoraConfig.init_lora_weights must be one of {INIT_CHOICES + INIT_LOAD_ONLY} (N a number "
                 f"in 'pissa_niter_N'), got {init!r}"
             )
         if isinstance(self.layers_to_transform, bool) or not (
@@ -150,22 +150,25 @@ class LoraConfig(AdapterConfig):
         )
 
     def make_layer(self, name: str, base_layer: nn.Module) -> LoraLayer:
-        """A new layer initialised as ``init_lora_weights`` says; PiSSA/OLoRA also rewrite the base weight."""
+        """A new layer; inits that read the base weight (PiSSA, OLoRA, orthogonal) follow in ``init_layer``."""
         init = self.init_lora_weights
         if init in INIT_LOAD_ONLY:
             raise AdapterError(
                 f"init_lora_weights={init!r} needs PEFT's data-driven set-up: loraloom accepts it when loading a "
-                f"saved adapter; a new adapter starts from one of {INIT_CHOICES[:-1]}"
+                f"saved adapter; a new adapter starts from one of {INIT_CHOICES}"
             )
+        return self.make_empty_layer(name, base_layer)
+
+    def init_layer(self, name: str, layer: AdapterLayer) -> None:
+        # PiSSA / OLoRA also leave W - s·B·A in the base layer.
+        init = self.init_lora_weights
         try:
-            layer = self.make_empty_layer(name, base_layer)
             if is_pissa(init) or init == "olora":
                 init_from_base_(layer, init)
             elif init == "orthogonal":
                 orthogonal_init_(layer)
         except AdapterError as e:
             raise AdapterError(f"layer {name!r}: {e}") from e
-        return layer
 
     def make_empty_layer(self, name: str, base_layer: nn.Module) -> LoraLayer:
         """A layer of the right shapes whose weights are about to be loaded (A = B = 0; the base untouched)."""
@@ -178,6 +181,11 @@ class LoraConfig(AdapterConfig):
             raise AdapterError(f"layer {name!r}: {e}") from e
         if self.lora_bias:
             layer.add_lora_bias()
+        if is_pissa(self.init_lora_weights) or self.init_lora_weights == "olora":
+            try:  # a load re-derives the residual base later: refuse a layer it cannot, before any change
+                check_base_init(layer, self.init_lora_weights)
+            except AdapterError as e:
+                raise AdapterError(f"layer {name!r}: {e}") from e
         return layer
 
     def prepare_loaded(self, layer: AdapterLayer) -> None:

@@ -47,15 +47,20 @@ def pissa_factors(layer: nn.Module, init: str) -> tuple[torch.Tensor, torch.Tens
 
 def olora_factors(layer: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
     """(A, B) of OLoRA: R's first r rows and Q's first r columns of W = QR (PEFT's olora_init)."""
-    if layer.fan_in_fan_out:  # PEFT factors the stored (d_in x d_out) matrix, which is not what it adds back
-        raise AdapterError("init_lora_weights='olora' is not supported on Conv1D (fan_in_fan_out) layers")
     q, r_mat = torch.linalg.qr(_base_matrix(layer))
     return r_mat[: layer.r].contiguous(), q[:, : layer.r].contiguous()
 
 
-def factors_from_base(layer: nn.Module, init: str) -> tuple[torch.Tensor, torch.Tensor]:
+def check_base_init(layer: nn.Module, init: str) -> None:
+    """Refuse, before anything changes, a layer that PiSSA / OLoRA cannot start from."""
     if not isinstance(getattr(layer, "lora_A", None), nn.Linear):
         raise AdapterError(f"init_lora_weights={init!r} is supported on linear layers only")
+    if init == "olora" and layer.fan_in_fan_out:  # PEFT factors the stored (d_in x d_out) matrix: no match
+        raise AdapterError("init_lora_weights='olora' is not supported on Conv1D (fan_in_fan_out) layers")
+
+
+def factors_from_base(layer: nn.Module, init: str) -> tuple[torch.Tensor, torch.Tensor]:
+    check_base_init(layer, init)
     return olora_factors(layer) if init == "olora" else pissa_factors(layer, init)
 
 
