@@ -127,6 +127,10 @@ class AdapterConfig:
     def make_layer(self, name: str, base_layer: nn.Module) -> AdapterLayer:
         raise NotImplementedError
 
+    def make_empty_layer(self, name: str, base_layer: nn.Module) -> AdapterLayer:
+        """A layer whose weights are loaded right after: no initialisation that reads or changes the base."""
+        return self.make_layer(name, base_layer)
+
     def init_layer(self, name: str, layer: AdapterLayer) -> None:
         """Initialisation that reads or rewrites the base weight (LoRA's PiSSA / OLoRA), run by ``add_adapter``
         once every layer is built, so that a layer refused on the way leaves no base weight changed."""

@@ -248,7 +248,7 @@ def add_adapter(model: nn.Module, config: AdapterConfig, *, verbose: bool = True
     resolved = resolve_config(model, config, saved=not init)
     names = find_targets(model, resolved)
     save_names = modules_to_save_of(model, resolved)
-    make = resolved.make_layer if init else getattr(resolved, "make_empty_layer", resolved.make_layer)
+    make = resolved.make_layer if init else resolved.make_empty_layer
     layers = {name: make(name, model.get_submodule(name)) for name in names}
     if init:
         for name, layer in layers.items():
