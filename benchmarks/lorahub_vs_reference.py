@@ -205,7 +205,7 @@ def t_merge_start(evals: list[tuple[float, float]]) -> float:
 LORALOOM_OPTIONS = {
     "loraloom": {},
     "loraloom-bf16": {"dtype": "bf16"},
-    "loraloom-nevergrad": {"mode": "nevergrad", "budget": None},  # the paper's search, population 4
+    "loraloom-nevergrad": {"mode": "nevergrad", "budget": None},  # the paper's search, one candidate a pass
     "loraloom-sequential": {"mode": "nevergrad", "population": 1, "budget": None},  # NGOpt > Cobyla
 }
 

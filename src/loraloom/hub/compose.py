@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..adapters.base import AdapterError, AdapterLayer
-from ..adapters.inject import set_submodule
+from ..adapters.inject import install_layers, uninstall_layers
 from ..adapters.lora import lora_delta
 from .bank import ModuleBank, _weighted_sum
 
@@ -96,13 +96,13 @@ class Composition:
         self.layers: dict[str, ComposedLoraLayer] = {}
         for name in bank.layers:
             base = model.get_submodule(name)
-            if isinstance(base, AdapterLayer):
+            if isinstance(base, AdapterLayer):  # before building on it; install_layers checks again
                 raise AdapterError(f"layer {name!r} already carries an adapter; merge_and_unload it first")
-            w = base.weight
-            layer = ComposedLoraLayer(base, bank.A[name].to(w.device), bank.B[name].to(w.device), bank.scaling[name])
-            self.layers[name] = layer
-        for name, layer in self.layers.items():
-            set_submodule(model, name, layer)
+            device = base.weight.device
+            self.layers[name] = ComposedLoraLayer(
+                base, bank.A[name].to(device), bank.B[name].to(device), bank.scaling[name]
+            )
+        install_layers(model, self.layers)
 
     @property
     def n_weights(self) -> int:
@@ -137,9 +137,8 @@ class Composition:
 
     def remove(self) -> nn.Module:
         """Put the base layers back (merged deltas stay in their weights); returns the model."""
-        for name, layer in self.layers.items():
-            if self.model.get_submodule(name) is layer:
-                set_submodule(self.model, name, layer.base_layer)
+        uninstall_layers(self.model, self.layers)
+        for layer in self.layers.values():
             layer.clear()
         return self.model
 

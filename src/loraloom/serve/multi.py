@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..adapters.base import AdapterError, AdapterLayer, layer_dims
-from ..adapters.inject import set_submodule
+from ..adapters.inject import install_layers, uninstall_layers
 from ..hub.bank import ModuleBank
 
 
@@ -137,11 +137,9 @@ class MultiLora:
                 )
 
     def _install(self, names: Sequence[str]) -> None:
-        for name in names:
-            if name not in self.layers:
-                layer = MultiLoraLayer(self.model.get_submodule(name))
-                set_submodule(self.model, name, layer)
-                self.layers[name] = layer
+        new = {name: MultiLoraLayer(self.model.get_submodule(name)) for name in names if name not in self.layers}
+        install_layers(self.model, new)
+        self.layers.update(new)
 
     def set_rows(self, rows: Sequence[LoraWeights | None]) -> None:
         """Row i of the next batches runs through ``rows[i]`` (``None``: the base model alone)."""
@@ -184,9 +182,7 @@ class MultiLora:
 
     def remove(self) -> nn.Module:
         """Put the base layers back; returns the model."""
-        for name, layer in self.layers.items():
-            if self.model.get_submodule(name) is layer:
-                set_submodule(self.model, name, layer.base_layer)
+        uninstall_layers(self.model, self.layers)
         self.layers.clear()
         self._plan_key = None
         return self.model
