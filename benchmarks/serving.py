@@ -189,7 +189,9 @@ def bench_forward(args: argparse.Namespace) -> list[str]:
                 vs_peft, vs_base = per_round(cpu, "peft", "loraloom"), per_round(cpu, "loraloom", "base")
                 ms = {k: 1e3 * median(v) for k, v in cpu.items()}
                 # What the adapters add over the base model: PEFT's over loraloom's.
-                added = (ms["peft"] - ms["base"]) / max(ms["loraloom"] - ms["base"], 1e-6)
+                # Within noise of the base (<= 1% of it) the ratio means nothing: shown as inf.
+                ll_added = ms["loraloom"] - ms["base"]
+                added = (ms["peft"] - ms["base"]) / ll_added if ll_added > 0.01 * ms["base"] else float("inf")
                 wall_vs_peft = per_round(wall, "peft", "loraloom")
                 print(f"{n:>8} {phase:>7} {ms['base']:8.2f} {ms['peft']:8.2f} {ms['loraloom']:8.2f} {vs_peft:12.2f}x "
                       f"{vs_base:12.2f}x {added:19.1f}x {wall_vs_peft:17.2f}x {diff:9.1e}", flush=True)  # fmt: skip
