@@ -88,12 +88,17 @@ def methods_figure(results: Results) -> Figure | None:
     return fig
 
 
-def weights_figure(tasks: list[str], rows: list[dict[str, Any]], method: str) -> Figure:
-    """A heat-map of the weights per task: seeds x modules (the union of the modules drawn)."""
+def _task_panels(tasks: list[str], rows: list[dict[str, Any]], panel_width: float) -> tuple[list[str], Figure, Any]:
+    """The tasks that have rows, and a figure with one panel (axes, flattened) for each of them."""
     shown = [t for t in tasks if any(r["task"] == t for r in rows)]
     nrows, ncols = _grid(len(shown))
-    fig = Figure(figsize=(5 * ncols, 3 * nrows + 0.5))
-    axes = fig.subplots(nrows, ncols, squeeze=False).ravel()
+    fig = Figure(figsize=(panel_width * ncols, 3 * nrows + 0.5))
+    return shown, fig, fig.subplots(nrows, ncols, squeeze=False).ravel()
+
+
+def weights_figure(tasks: list[str], rows: list[dict[str, Any]], method: str) -> Figure:
+    """A heat-map of the weights per task: seeds x modules (the union of the modules drawn)."""
+    shown, fig, axes = _task_panels(tasks, rows, panel_width=5)
     for ax, task in zip(axes, shown, strict=False):
         cells = sorted((r for r in rows if r["task"] == task), key=lambda r: (r["seed"], r["run"]))
         modules = sorted({Path(m).name for r in cells for m in r["modules"]})
@@ -116,10 +121,7 @@ def weights_figure(tasks: list[str], rows: list[dict[str, Any]], method: str) ->
 
 def traces_figure(tasks: list[str], rows: list[dict[str, Any]], method: str) -> Figure:
     """The best objective so far per evaluation, one line per seed, a panel per task."""
-    shown = [t for t in tasks if any(r["task"] == t for r in rows)]
-    nrows, ncols = _grid(len(shown))
-    fig = Figure(figsize=(4.5 * ncols, 3 * nrows + 0.5))
-    axes = fig.subplots(nrows, ncols, squeeze=False).ravel()
+    shown, fig, axes = _task_panels(tasks, rows, panel_width=4.5)
     for ax, task in zip(axes, shown, strict=False):
         for r in sorted((r for r in rows if r["task"] == task), key=lambda r: r["seed"]):
             trace = (r["details"] or {}).get("trace") or []

@@ -225,18 +225,29 @@ def run_search(
     if s.mode == "hybrid":
         found = hybrid_search(objective, s, random_state=random_state, progress=progress)
     else:
-        found = nevergrad_search(
-            objective,
-            optimizer=s.optimizer,
-            budget=s.budget,
-            bounds=s.bounds,
-            population=s.population,
-            seed=s.seed,
-            random_state=random_state,
-            sigma=s.sigma,
-            progress=progress,
-        )
+        found = _nevergrad_for(objective, s, s.budget, random_state, progress)
     return dataclasses.replace(found, seconds=found.seconds + import_seconds, import_seconds=import_seconds)
+
+
+def _nevergrad_for(
+    objective: Objective,
+    s: SearchSettings,
+    budget: int,
+    random_state: np.random.RandomState | None,
+    progress: bool,
+) -> SearchResult:
+    """``nevergrad_search`` with ``s``'s options and ``budget`` evaluations."""
+    return nevergrad_search(
+        objective,
+        optimizer=s.optimizer,
+        budget=budget,
+        bounds=s.bounds,
+        population=s.population,
+        seed=s.seed,
+        random_state=random_state,
+        sigma=s.sigma,
+        progress=progress,
+    )
 
 
 def hybrid_search(
@@ -248,17 +259,7 @@ def hybrid_search(
 ) -> SearchResult:
     """Gradient-free for ``budget - gradient_steps`` evaluations, then Adam from the best w found."""
     s = settings
-    first = nevergrad_search(
-        objective,
-        optimizer=s.optimizer,
-        budget=s.budget - s.gradient_steps,
-        bounds=s.bounds,
-        population=s.population,
-        seed=s.seed,
-        random_state=random_state,
-        sigma=s.sigma,
-        progress=progress,
-    )
+    first = _nevergrad_for(objective, s, s.budget - s.gradient_steps, random_state, progress)
     if not first.complete:  # cut short (an optimizer error, Ctrl-C): what it kept is the result
         return first
     second = gradient_search(
