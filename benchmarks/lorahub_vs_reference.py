@@ -61,7 +61,7 @@ def build_setting(work: Path, shape: str = "small", example_set: str = "a") -> N
 
     from loraloom.adapters import LoraConfig, write_adapter_folder
     from loraloom.adapters.inject import find_targets
-    from loraloom.demo import train_tokenizer
+    from loraloom.zoo.base import train_tokenizer
 
     rng = random.Random(0)
     tokenizer = train_tokenizer([" ".join(rng.choices(WORDS, k=200)) for _ in range(50)], vocab_size=1000)
@@ -322,10 +322,11 @@ def worker_rescore(work: Path, runs_file: Path) -> dict:
 
     from loraloom.compat import reference_features
     from loraloom.data import load_examples
-    from loraloom.hub import Composition, Objective, encode_few_shot, load_bank, load_base_model
+    from loraloom.hub import Composition, Objective, encode_few_shot, load_bank
+    from loraloom.models import load_base
 
     base, modules, examples = setting(work)
-    model, tokenizer = load_base_model(base)
+    model, tokenizer = load_base(base)
     inputs, targets = [e["input"] for e in examples], [e["target"] for e in examples]
     weights = json.loads(runs_file.read_text())
     with Composition(model, load_bank(modules, base_model=model)) as composition:

@@ -45,8 +45,8 @@ from common import interleave, median
 from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM
 
 from loraloom.adapters import LoraConfig, write_adapter_folder
-from loraloom.demo import train_tokenizer
 from loraloom.serve import AdapterCache, MultiLora
+from loraloom.zoo.base import train_tokenizer
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj"]
 BATCH, PROMPT_LEN, RANK = 32, 32, 16

@@ -9,7 +9,7 @@ from pathlib import Path
 from hub_modules import WORDS, make_modules, tokenizer
 from tiny_models import tiny_llama, tiny_t5
 
-from loraloom.experiment import ExperimentSettings
+from loraloom.harness import ExperimentSettings
 
 BBH_DIR = Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "bbh"
 

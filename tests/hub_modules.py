@@ -13,7 +13,7 @@ from loraloom.adapters import LoraConfig, write_adapter_folder
 from loraloom.adapters.base import layer_dims
 from loraloom.adapters.inject import find_targets
 from loraloom.adapters.peft_format import CONFIG_NAME, LEGACY_WEIGHTS_NAME, WEIGHTS_NAME
-from loraloom.demo import train_tokenizer
+from loraloom.zoo.base import train_tokenizer
 
 WORDS = "ant bee cat dog eel fox gnu hen jay kiwi lark mole newt owl pig rat seal toad vole yak".split()
 

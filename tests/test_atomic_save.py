@@ -1,7 +1,7 @@
 """Multi-file saves are all-or-nothing: an interrupted save leaves the old folder exactly as it was.
 
 write_adapter_folder (save_adapter), save_full_model and LoraHubResult.save write into a temp folder beside
-the target and swap it in whole (adapters/peft_format.py: atomic_folder)."""
+the target and swap it in whole (files.py: atomic_folder)."""
 
 from __future__ import annotations
 
@@ -13,7 +13,8 @@ from tiny_models import tiny_llama, tiny_word_tokenizer
 
 import loraloom as ll
 import loraloom.adapters.peft_format as peft_format
-from loraloom.adapters.peft_format import CONFIG_NAME, WEIGHTS_NAME, atomic_folder, write_adapter_folder
+from loraloom.adapters.peft_format import CONFIG_NAME, WEIGHTS_NAME, write_adapter_folder
+from loraloom.files import atomic_folder
 from loraloom.hub.result import LoraHubResult
 from loraloom.hub.select import Selection
 from loraloom.train import save_full_model
@@ -120,6 +121,6 @@ def test_interrupted_lorahub_result_save(tmp_path, monkeypatch):
 
 def test_atomic_folder_refuses_the_current_folder(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    with pytest.raises(ll.AdapterError, match="current folder"):
+    with pytest.raises(ValueError, match="current folder"):
         with atomic_folder("."):
             pass

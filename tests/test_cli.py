@@ -19,9 +19,11 @@ from transformers import (
 )
 
 import loraloom as ll
-from loraloom.cli import inspect_folder, main
-from loraloom.demo import build_demo_t5, make_examples, train_tokenizer, write_jsonl
+from loraloom.adapters.inspect import inspect_folder
+from loraloom.cli import main
+from loraloom.demo import make_examples, write_jsonl
 from loraloom.evaluate import evaluate
+from loraloom.zoo.base import build_demo_t5, train_tokenizer
 
 
 @pytest.fixture(scope="module")

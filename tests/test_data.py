@@ -26,8 +26,8 @@ from loraloom.data import (
     load_examples,
     normalise_answer,
     resolve_label2id,
-    task_of,
 )
+from loraloom.tasks import task_of
 
 BBH = Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "bbh"
 WORDS = "the cat sat on a mat dog ran far away yes no".split()

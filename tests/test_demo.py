@@ -6,8 +6,10 @@ import json
 
 import pytest
 
-from loraloom.cli import inspect_folder
-from loraloom.demo import DEMO_METHODS, WORDS, make_examples, parse_seeds, run_hub_demo, run_lora_demo, train_tokenizer
+from loraloom.adapters.inspect import inspect_folder
+from loraloom.demo import DEMO_METHODS, WORDS, make_examples, run_hub_demo, run_lora_demo
+from loraloom.seeds import parse_seeds
+from loraloom.zoo.base import train_tokenizer
 
 
 def test_toy_tasks():
@@ -59,6 +61,9 @@ def test_parse_seeds():
     assert parse_seeds("2-3,7") == [2, 3, 7]
     with pytest.raises(ValueError, match="--seeds 'x'"):
         parse_seeds("x")
+    for bad in ("5-1", "-1", "1,", "1-1000000"):  # descending, negative, empty, absurd
+        with pytest.raises(ValueError, match="--seeds"):
+            parse_seeds(bad)
 
 
 def test_hub_demo_slice_runs_every_method_through_the_harness(tmp_path):

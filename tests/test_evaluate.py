@@ -11,8 +11,8 @@ from tiny_models import tiny_bert_cls
 from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 
 from loraloom.data import DataError
-from loraloom.demo import build_demo_t5, train_tokenizer
 from loraloom.evaluate import evaluate, generate
+from loraloom.zoo.base import build_demo_t5, train_tokenizer
 
 ev = importlib.import_module("loraloom.evaluate")  # the module; `loraloom.evaluate` is the function
 

@@ -14,11 +14,12 @@ from hub_modules import edit_config, make_modules
 from tiny_models import tiny_t5
 
 import loraloom as ll
-from loraloom.cli import main, parse_seeds
+from loraloom.cli import main
 from loraloom.data import DataError
-from loraloom.experiment import METHODS, ExperimentSettings, Task, load_results
-from loraloom.experiment import tasks as tasks_module
-from loraloom.experiment.store import DB_NAME, Store
+from loraloom.harness import METHODS, ExperimentSettings, Task, load_results
+from loraloom.harness import tasks as tasks_module
+from loraloom.harness.store import DB_NAME, Store
+from loraloom.seeds import parse_seeds
 
 
 @pytest.fixture(scope="module")
@@ -115,7 +116,7 @@ def test_resume_skips_finished_cells_and_retries_failed_ones(world, tmp_path, mo
 
 
 def ll_zero_shot(job, model, tokenizer):
-    from loraloom.experiment.methods import zero_shot
+    from loraloom.harness.methods import zero_shot
 
     return zero_shot(job, model, tokenizer)
 
@@ -249,7 +250,7 @@ def test_bbh_download_offline_is_a_clear_error(tmp_path, monkeypatch):
 
 @pytest.mark.skipif(not BBH_DIR.is_dir(), reason=f"the BBH files are not at {BBH_DIR} (../shared/data/bbh)")
 def test_real_bbh_files(tmp_path):
-    from loraloom.demo import build_demo_t5, train_tokenizer
+    from loraloom.zoo.base import build_demo_t5, train_tokenizer
 
     tasks = tmp_path / "bbh"
     tasks.mkdir()
@@ -277,7 +278,7 @@ def test_settings_are_validated_and_hashed():
         {"adapter_options": {"dora": {}}},
     ):
         with pytest.raises(ValueError, match=next(iter(bad))):
-            ExperimentSettings(**bad)
+            ExperimentSettings.from_dict(bad)
     with pytest.raises(ValueError, match="lorahub_options: unknown search option.s. populaton"):
         ExperimentSettings(lorahub_options={"populaton": 1})
     search = ExperimentSettings(lorahub_options={"population": 1}).cell_fields("lorahub")["search"]
@@ -317,7 +318,7 @@ def test_cli_experiment_and_report(world, tmp_path, capsys):
 
 
 def test_an_interrupted_sweep_keeps_finished_cells_and_a_cut_short_search_is_noted(world, tmp_path, monkeypatch):
-    from loraloom.experiment import methods
+    from loraloom.harness import methods
 
     real_lorahub = methods.lorahub
 

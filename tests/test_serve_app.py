@@ -26,8 +26,9 @@ from loraloom.hub import Composition, load_bank
 
 openai = pytest.importorskip("openai")
 uvicorn = pytest.importorskip("uvicorn")
+from loraloom.models import load_base  # noqa: E402
 from loraloom.serve import AdapterCache, Engine, Request, SamplingParams  # noqa: E402
-from loraloom.serve.app import create_app, load_model  # noqa: E402
+from loraloom.serve.app import create_app  # noqa: E402
 
 TEMPLATE = "{% for m in messages %}{{ m['role'] }} : {{ m['content'] }} {% endfor %}assistant :"
 TARGETS = ["q_proj", "v_proj"]
@@ -53,7 +54,7 @@ def world(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def server(world):
-    model, tok = load_model(str(world / "base"))
+    model, tok = load_base(str(world / "base"), "causal")
     app = create_app(Engine(model, tok, max_batch=32), AdapterCache(world / "adapters", limit_mib=64))
     config = uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning", lifespan="on")
     srv = uvicorn.Server(config)
@@ -76,7 +77,7 @@ def client(server):
 
 def expected(world, prompt: str, adapter: str | None = None, weights: dict | None = None, max_tokens=8) -> str:
     """Greedy text of ``prompt`` from the base model carrying only this adapter / composition."""
-    model, tok = load_model(str(world / "base"))
+    model, tok = load_base(str(world / "base"), "causal")
     if weights:
         names = sorted(weights)
         Composition(model, load_bank([world / "adapters" / n for n in names])).set_weights([weights[n] for n in names])
@@ -165,7 +166,7 @@ def test_error_cases(server, client):
 
 
 def test_no_chat_template_is_a_400(world):
-    model, tok = load_model(str(world / "base"))
+    model, tok = load_base(str(world / "base"), "causal")
     tok.chat_template = None
     from fastapi.testclient import TestClient
 
@@ -261,7 +262,7 @@ def test_load_32_clients_200_requests_match_one_at_a_time(world, server):
     assert len(results) == 200
 
     # One at a time, on a separate engine over the same files.
-    model, tok = load_model(str(world / "base"))
+    model, tok = load_base(str(world / "base"), "causal")
     engine, cache = Engine(model, tok, max_batch=1), AdapterCache(world / "adapters")
     for i, (name, weights, prompt, n, _) in enumerate(jobs):
         adapter = cache.compose(weights) if weights else (cache.get(name) if name != "base" else None)

@@ -19,7 +19,8 @@ serve = pytest.importorskip("ray.serve")
 
 from loraloom.adapters import load_adapter  # noqa: E402
 from loraloom.evaluate import generate  # noqa: E402
-from loraloom.serve.app import ServeOptions, load_model  # noqa: E402
+from loraloom.models import load_base  # noqa: E402
+from loraloom.serve.app import ServeOptions  # noqa: E402
 
 pytestmark = pytest.mark.slow
 
@@ -52,7 +53,7 @@ def test_two_replicas_serve_adapters(tmp_path):
         with ThreadPoolExecutor(8) as pool:
             got = list(pool.map(ask, ["m00", "m01"] * 8))
         for name in ("m00", "m01"):
-            base, base_tok = load_model(str(tmp_path / "base"))
+            base, base_tok = load_base(str(tmp_path / "base"), "causal")
             want = generate(load_adapter(base, tmp_path / "adapters" / name), base_tok, [prompt], max_new_tokens=6)[0]
             assert {g for g, n in zip(got, ["m00", "m01"] * 8, strict=True) if n == name} == {want}
         stream = client.completions.create(model="m00", prompt=prompt, max_tokens=6, temperature=0, stream=True)

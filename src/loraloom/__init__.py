@@ -20,7 +20,7 @@ from .adapters import (
 )
 from .data import DataError, Example, load_examples
 from .evaluate import EvalResult, evaluate, generate
-from .experiment import experiment, report  # the function shadows the subpackage: import from it by name
+from .harness import experiment, report
 from .hub import LoraHubResult, SearchSettings, lorahub
 from .train import TrainResult, train
 

@@ -25,13 +25,14 @@ from torch.utils.data import DataLoader, Dataset
 from transformers import AutoTokenizer, default_data_collator
 
 from .adapters import read_adapter
-from .data import IGNORE_INDEX, Example, encode_causal, pad_token_id_of, task_of
+from .data import IGNORE_INDEX, Example, encode_causal, pad_token_id_of
 from .evaluate import generate
 from .hub.bank import load_bank
 from .hub.compose import Composition
-from .hub.engine import load_base_model
 from .hub.objective import DEFAULT_ALPHA, Objective, Scores
 from .hub.search import DEFAULT_BOUNDS, nevergrad_search
+from .models import load_base
+from .tasks import task_of
 
 REFERENCE_MAX_LENGTH = 2048  # the reference tokenises with max_length=2048, truncation=True
 REFERENCE_MAX_NEW_TOKENS = 256
@@ -155,7 +156,7 @@ def lorahub_learning(
         model_name_or_path = read_adapter(modules[0])[0].base_model_name_or_path
         if not model_name_or_path:
             raise ValueError(f"module {modules[0]}: its config names no base model; pass model_name_or_path")
-    model, tokenizer = load_base_model(model_name_or_path)
+    model, tokenizer = load_base(model_name_or_path)
     bank = load_bank(modules, base_model=model)
     features = reference_features(model, tokenizer, list(example_inputs), list(example_outputs))
     pad_token_id = pad_token_id_of(tokenizer)
@@ -187,7 +188,7 @@ def lorahub_inference(
     (left padding, the prompt cut off, stripped). Answers are compared as the reference compares them
     (``reference_normalise``).
     """
-    model = load_base_model(model_or_name_path)[0] if isinstance(model_or_name_path, str) else model_or_name_path
+    model = load_base(model_or_name_path)[0] if isinstance(model_or_name_path, str) else model_or_name_path
     tokenizer = tokenizer_or_tokenizer_path
     if isinstance(tokenizer, str):
         tokenizer = AutoTokenizer.from_pretrained(tokenizer)

@@ -29,7 +29,8 @@ from torch import nn
 
 from .adapters.base import AdapterError
 from .adapters.lora import LoraConfig, lora_scaling
-from .adapters.peft_format import CONFIG_NAME, KEY_PREFIX, atomic_write, read_adapter, write_adapter_folder
+from .adapters.peft_format import CONFIG_NAME, KEY_PREFIX, read_adapter, write_adapter_folder
+from .files import atomic_write
 
 # kohya name prefix -> the pipeline component (diffusers' folder name) it adapts.
 KOHYA_PREFIXES: dict[str, str] = {

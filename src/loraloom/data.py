@@ -27,11 +27,7 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
-from .adapters.inject import task_type_of
-
 IGNORE_INDEX = -100  # label value the cross-entropy loss skips
-Task = Literal["seq2seq", "causal", "classification"]
-TASKS: tuple[str, ...] = ("seq2seq", "causal", "classification")
 
 
 class DataError(ValueError):
@@ -162,15 +158,6 @@ def few_shot_split(examples: Sequence[Example], k: int, seed: int) -> tuple[list
 
 
 # ---- tokenisation ----------------------------------------------------------------------------
-
-
-def task_of(model: nn.Module) -> Task:
-    """ "seq2seq" (encoder-decoder), "classification" (*ForSequenceClassification) or "causal"."""
-    if getattr(getattr(model, "config", None), "is_encoder_decoder", False):
-        return "seq2seq"
-    if task_type_of(model) == "SEQ_CLS":
-        return "classification"
-    return "causal"
 
 
 def pad_token_id_of(tokenizer: Any) -> int:
@@ -362,7 +349,6 @@ def normalise_answer(s: str) -> str:
 
 __all__ = [
     "IGNORE_INDEX",
-    "TASKS",
     "DataError",
     "Example",
     "batches",
@@ -376,5 +362,4 @@ __all__ = [
     "normalise_answer",
     "pad_token_id_of",
     "resolve_label2id",
-    "task_of",
 ]

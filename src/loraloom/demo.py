@@ -25,79 +25,25 @@ import argparse
 import json
 import random
 import time
-from collections import Counter
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
-from transformers import PreTrainedTokenizerFast, T5Config, T5ForConditionalGeneration
+from transformers import T5ForConditionalGeneration
 
 from .adapters import LoraConfig, load_adapter, merge_and_unload
-from .adapters.peft_format import atomic_write
 from .evaluate import evaluate, generate
+from .files import atomic_write
+from .seeds import parse_seeds
 from .train import save_full_model, train
-
-PAD, EOS, UNK = "<pad>", "</s>", "<unk>"  # ids 0, 1, 2: T5's own layout
+from .zoo.base import build_demo_t5, train_tokenizer
 
 # The toy language: a few short words. Tasks take sentences of 2 to 5 of them.
 LORA_DEMO_OUT = "demo_out/lora"
 HUB_DEMO_OUT = "demo_out/hub"
 WORDS = "ant bee cat dog eel fox gnu hen ibis jay kiwi lark mole newt owl pig".split()
 MIN_WORDS, MAX_WORDS = 2, 5
-
-
-def train_tokenizer(texts: Iterable[str], vocab_size: int = 1000, *, add_eos: bool = True) -> PreTrainedTokenizerFast:
-    """A word-level tokenizer for ``texts`` (split on whitespace) with a character fallback; pad 0, eos 1, unk 2.
-
-    The vocabulary: the special tokens, every character seen (alone, and as a WordPiece "##" continuation,
-    so any word made of seen characters can be spelled out), then the most frequent words up to
-    ``vocab_size`` entries in all. Ties go alphabetically, so the same texts always give the same ids
-    (the ``tokenizers`` WordPiece trainer numbers tied pieces differently from one process to the next).
-    Decoding joins words with single spaces: text with normalised whitespace round-trips. With
-    ``add_eos`` (T5's convention) every encoding ends with eos; causal LMs want ``add_eos=False``.
-    """
-    counts = Counter(word for text in texts for word in text.split())
-    chars = sorted({c for word in counts for c in word})
-    entries = [PAD, EOS, UNK, *chars, *(f"##{c}" for c in chars)]
-    known = set(entries)
-    frequent = sorted((w for w in counts if w not in known), key=lambda w: (-counts[w], w))
-    entries += frequent[: max(vocab_size - len(entries), 0)]
-    tok = Tokenizer(models.WordPiece({piece: i for i, piece in enumerate(entries)}, unk_token=UNK))
-    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    tok.decoder = decoders.WordPiece(cleanup=False)  # cleanup would glue "a ." into "a."
-    if add_eos:
-        tok.post_processor = processors.TemplateProcessing(
-            single=f"$A {EOS}", pair=f"$A {EOS} $B {EOS}", special_tokens=[(EOS, entries.index(EOS))]
-        )
-    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token=PAD, eos_token=EOS, unk_token=UNK)
-
-
-def build_demo_t5(
-    tokenizer: PreTrainedTokenizerFast,
-    *,
-    d_model: int = 64,
-    num_layers: int = 2,
-    num_heads: int = 4,
-    d_ff: int = 128,
-    seed: int = 0,
-) -> T5ForConditionalGeneration:
-    """A small randomly initialised T5 whose vocabulary and special ids are the tokenizer's."""
-    torch.manual_seed(seed)
-    config = T5Config(
-        vocab_size=len(tokenizer),
-        d_model=d_model,
-        d_kv=d_model // num_heads,
-        d_ff=d_ff,
-        num_layers=num_layers,
-        num_heads=num_heads,
-        dropout_rate=0.0,  # tiny data, short runs: dropout only slows learning down here
-        pad_token_id=tokenizer.pad_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        decoder_start_token_id=tokenizer.pad_token_id,
-    )
-    return T5ForConditionalGeneration(config).eval()
 
 
 # ---- the toy tasks -----------------------------------------------------------------------------
@@ -278,21 +224,21 @@ def demo_settings(**changes):
     - Answers are at most 3 words: 8 new tokens suffice; a test set of 50 per task and seed keeps the
       demo within ~5 minutes on 2 cores.
     """
-    from .experiment import ExperimentSettings
+    from .harness import ExperimentSettings
 
     values = dict(
         shots=5,
         max_test=50,
         num_modules=20,
         budget=40,
-        lr_lora=5e-3,
+        learning_rates={"lora": 5e-3},
         gradient_runs=1,
         adapter_options={"lora": {"r": 8, "lora_alpha": 16, "target_modules": ["q", "v"]}},
         max_new_tokens=8,
         batch_size=64,
     )
     values.update(changes)
-    return ExperimentSettings(**values)
+    return ExperimentSettings.from_dict(values)
 
 
 def run_hub_demo(
@@ -311,7 +257,7 @@ def run_hub_demo(
     ``zoo verify`` first. ``tasks``: held-out task names (default: the manifest's demo tasks).
     """
     from .data import load_examples
-    from .experiment import Task, experiment, report  # the harness: imported only when the demo runs
+    from .harness import Task, experiment, report  # the harness: imported only when the demo runs
     from .zoo.build import ARTIFACTS
     from .zoo.verify import read_manifest, verify
 
@@ -392,20 +338,6 @@ def main(argv: list[str] | None = None):
         description="LoraHub on the built-in zoo (default), or `lora`: the LoRA walk-through from nothing.",
     )
     return run_from_args(add_demo_arguments(parser).parse_args(argv))
-
-
-def parse_seeds(text: str) -> list[int]:
-    """``"1-5"`` -> [1, 2, 3, 4, 5]; ``"1,3"`` -> [1, 3]."""
-    seeds: list[int] = []
-    try:
-        for part in text.split(","):
-            lo, sep, hi = part.partition("-")
-            seeds += list(range(int(lo), int(hi) + 1)) if sep else [int(lo)]
-    except ValueError as e:
-        raise ValueError(f"--seeds {text!r}: expected e.g. 1-5 or 1,3") from e
-    if not seeds:
-        raise ValueError(f"--seeds {text!r}: no seeds")
-    return seeds
 
 
 if __name__ == "__main__":

@@ -20,9 +20,7 @@ from torch import nn
 from tqdm.auto import tqdm
 from transformers import GenerationConfig
 
-from .adapters.peft_format import atomic_write
 from .data import (
-    TASKS,
     Example,
     collate,
     encode_classification,
@@ -30,8 +28,9 @@ from .data import (
     normalise_answer,
     pad_token_id_of,
     resolve_label2id,
-    task_of,
 )
+from .files import atomic_write
+from .tasks import TASKS, task_of
 
 
 @dataclass

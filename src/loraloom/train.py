@@ -8,6 +8,7 @@ warm-up then linear decay, gradient accumulation, optional evaluation, the adapt
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import math
 import os
 import time
@@ -21,10 +22,9 @@ from tqdm.auto import tqdm
 
 from .adapters.base import AdapterConfig, AdapterError
 from .adapters.inject import CONFIG_ATTR, add_adapter, count_parameters, get_config, modules_to_save_of
-from .adapters.peft_format import atomic_folder, save_adapter
-from .adapters.registry import ADAPTER_TYPES
+from .adapters.peft_format import save_adapter
+from .adapters.registry import ADAPTER_TYPES, adapter_names, config_for
 from .data import (
-    TASKS,
     Example,
     batches,
     collate,
@@ -34,16 +34,17 @@ from .data import (
     load_examples,
     pad_token_id_of,
     resolve_label2id,
-    task_of,
 )
 from .evaluate import evaluate
+from .files import atomic_folder
+from .tasks import TASKS, task_of
 
 FULL = "full"  # adapter="full": every parameter trains, no adapter layers
 
-# Default learning rates, keyed by peft_type (or "full"). LoRA 2e-4 and full 3e-5 are the LoraHub
-# paper's gradient baselines; IA3 3e-3 is T-Few's; FourierFT 5e-2 sits in the middle of its paper's
-# 1e-2..1.2e-1 for the spectral coefficients. Tiny models and tiny data often want more: pass lr=.
-DEFAULT_LR: dict[str, float] = {"LORA": 2e-4, "IA3": 3e-3, "FOURIERFT": 5e-2, FULL: 3e-5}
+# Full fine-tuning's default learning rate, the LoraHub paper's (an adapter type's is its config's
+# ``default_lr``: LoRA 2e-4, the paper's; IA3 3e-3, T-Few's; FourierFT 5e-2, mid-range of its paper's).
+# Tiny models and tiny data often want more: pass lr=.
+FULL_LR = 3e-5
 
 
 @dataclass
@@ -59,15 +60,6 @@ class TrainResult:
     label2id: dict[str, int] | None = None
 
 
-def adapter_config_for(name: str) -> AdapterConfig:
-    """A default config of the adapter type named ``name`` ("lora", "fourierft", "ia3"; any case)."""
-    cls = ADAPTER_TYPES.get(name.upper())
-    if cls is None:
-        available = ", ".join(sorted([t.lower() for t in ADAPTER_TYPES] + [FULL]))
-        raise AdapterError(f"unknown adapter {name!r}; available: {available}")
-    return cls()
-
-
 def prepare_model(model: nn.Module, adapter: str | AdapterConfig | None, *, verbose: bool = True) -> str:
     """Make ``model`` trainable as asked; returns the kind trained: a peft_type or "full"."""
     if adapter is None:
@@ -77,7 +69,9 @@ def prepare_model(model: nn.Module, adapter: str | AdapterConfig | None, *, verb
             raise AdapterError("adapter='full' needs a plain model, but this one carries an adapter")
         model.requires_grad_(True)
         return FULL
-    config = adapter_config_for(adapter) if isinstance(adapter, str) else adapter
+    if isinstance(adapter, str) and adapter.lower() not in adapter_names():
+        raise AdapterError(f"unknown adapter {adapter!r}; available: {', '.join(sorted([*adapter_names(), FULL]))}")
+    config = config_for(adapter) if isinstance(adapter, str) else adapter
     if not isinstance(config, AdapterConfig):
         raise AdapterError(f"adapter must be a name, an AdapterConfig, 'full' or None; got {type(adapter).__name__}")
     add_adapter(model, config, verbose=verbose)
@@ -101,14 +95,6 @@ def encode(
     return encode_classification(tokenizer, examples, label2id or {}, max_source_length)
 
 
-def make_optimizer(groups: list[dict[str, Any]], weight_decay: float) -> torch.optim.Optimizer:
-    """AdamW; the fused kernel updates every tensor in one call, several times faster for many small adapters."""
-    try:
-        return torch.optim.AdamW(groups, weight_decay=weight_decay, fused=True)
-    except RuntimeError:  # a device or dtype without the fused kernel
-        return torch.optim.AdamW(groups, weight_decay=weight_decay, foreach=True)
-
-
 def lr_factor(step: int, total_steps: int, warmup_steps: int) -> float:
     """Linear warm-up to 1, then linear decay towards 0; ``step`` counts from 0 and no step gets lr 0."""
     if step < warmup_steps:
@@ -125,59 +111,106 @@ def save_full_model(model: nn.Module, tokenizer: Any, out_dir: str | os.PathLike
     return out_dir
 
 
+@dataclass(frozen=True)
+class TrainArgs:
+    """How ``train`` trains: checked once on creation."""
+
+    task: str | None = None
+    """"seq2seq", "causal" or "classification"; None: from the model."""
+    input_field: str = "input"
+    """The input field of JSONL / JSON / CSV examples."""
+    target_field: str = "target"
+    """The target field of JSONL / JSON / CSV examples."""
+    epochs: int = 3
+    """Passes over the training data (``max_steps`` replaces it when given)."""
+    max_steps: int | None = None
+    """Optimizer steps in all; replaces ``epochs``."""
+    batch_size: int = 8
+    """Examples per forward pass."""
+    grad_accum: int = 1
+    """Forward passes per optimizer step."""
+    lr: float | None = None
+    """AdamW's peak learning rate; None: the adapter type's ``default_lr`` (full fine-tuning: FULL_LR)."""
+    head_lr: float | None = None
+    """For a classifier head trained beside an adapter; None: ``lr``."""
+    weight_decay: float = 0.0
+    """AdamW's weight decay."""
+    warmup_ratio: float = 0.06
+    """The share of steps of linear warm-up before the linear decay."""
+    seed: int = 0
+    """Adapter init, dropout and the order of batches."""
+    eval_every: int | None = None
+    """Score the eval data every N optimizer steps (and always at the end)."""
+    eval_batch_size: int = 16
+    """Examples per generation batch when scoring."""
+    max_source_length: int = 512
+    """Input tokens kept (causal LMs: prompt + target within max_source_length + max_target_length)."""
+    max_target_length: int = 128
+    """Target tokens kept, and new tokens generated when scoring."""
+    bf16: bool = False
+    """bfloat16 autocast."""
+
+    def __post_init__(self) -> None:
+        if self.task is not None and self.task not in TASKS:
+            raise ValueError(f"task must be one of {TASKS}, got {self.task!r}")
+        for name in ("epochs", "batch_size", "grad_accum", "eval_batch_size", "max_source_length", "max_target_length"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < (0 if name == "epochs" else 1):
+                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        for name in ("max_steps", "eval_every"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, int) or value < 1):
+                raise ValueError(f"{name} must be a positive integer or None, got {value!r}")
+        for name in ("lr", "head_lr"):
+            value = getattr(self, name)
+            if value is not None and not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
+                raise ValueError(f"{name} must be a positive finite number or None, got {value!r}")
+        if not (math.isfinite(self.weight_decay) and self.weight_decay >= 0):
+            raise ValueError(f"weight_decay must be >= 0, got {self.weight_decay!r}")
+        if not 0 <= self.warmup_ratio < 1:
+            raise ValueError(f"warmup_ratio must lie in [0, 1), got {self.warmup_ratio!r}")
+
+    @classmethod
+    def from_options(cls, args: TrainArgs | None = None, **options: Any) -> TrainArgs:
+        """``args`` (default: the defaults) with ``options`` replaced; an unknown name is a clear error."""
+        names = [f.name for f in dataclasses.fields(cls)]
+        unknown = sorted(set(options) - set(names))
+        if unknown:
+            raise TypeError(f"unknown training option(s) {', '.join(unknown)}; TrainArgs has {', '.join(names)}")
+        return cls(**options) if args is None else dataclasses.replace(args, **options)
+
+
 def train(
     model: nn.Module,
     tokenizer: Any,
     train_data: Any,
-    *,
     adapter: str | AdapterConfig | None = "lora",
-    task: str | None = None,
-    input_field: str = "input",
-    target_field: str = "target",
-    epochs: int = 3,
-    max_steps: int | None = None,
-    batch_size: int = 8,
-    grad_accum: int = 1,
-    lr: float | None = None,
-    head_lr: float | None = None,
-    weight_decay: float = 0.0,
-    warmup_ratio: float = 0.06,
-    seed: int = 0,
+    args: TrainArgs | None = None,
+    *,
     eval_data: Any = None,
-    eval_every: int | None = None,
-    eval_batch_size: int = 16,
-    max_source_length: int = 512,
-    max_target_length: int = 128,
-    bf16: bool = False,
     output_dir: str | os.PathLike | None = None,
-    progress: bool = True,
     label2id: dict[str, int] | None = None,
+    progress: bool = True,
+    **options: Any,
 ) -> TrainResult:
     """Train ``model`` (in place) on ``train_data`` and return the losses, evaluations and counts.
 
     ``adapter``: a name from the adapter registry ("lora", "fourierft", "ia3"; default config and the
     model type's default targets), an ``AdapterConfig``, "full" for full fine-tuning, or None when the
-    model already carries an adapter (e.g. from ``load_adapter``). ``train_data`` / ``eval_data``: anything
-    ``load_examples`` reads. ``task``: "seq2seq", "causal" or "classification"; by default from the model.
-    For causal LMs the loss is on the target tokens only and a sequence holds at most
-    ``max_source_length + max_target_length`` tokens. For classification the targets map to label ids
-    through ``label2id`` (default: the model config's if it names every target, else built from the
-    data), which is written into ``model.config``. ``lr`` defaults per adapter type (DEFAULT_LR);
-    ``head_lr`` (default: ``lr``) is for a classifier head trained beside an adapter. ``max_steps``, if
-    given, replaces ``epochs``. With ``eval_data``, the model is scored (exact match, or accuracy for
-    classification) every ``eval_every`` optimizer steps and at the end. With ``output_dir`` the adapter
-    (or for "full", the whole model and the tokenizer) is saved at the end. The model ends in eval mode.
+    model already carries an adapter (e.g. from ``load_adapter``). ``args``: how to train (``TrainArgs``);
+    ``**options``: any of its fields by name, overriding ``args`` (``epochs=5, lr=1e-3``).
+    ``train_data`` / ``eval_data``: anything ``load_examples`` reads. For classification the targets map to
+    label ids through ``label2id`` (default: the model config's if it names every target, else built from
+    the data), which is written into ``model.config``. With ``eval_data``, the model is scored (exact match,
+    or accuracy for classification) every ``eval_every`` optimizer steps and at the end. With ``output_dir``
+    the adapter (or for "full", the whole model and the tokenizer) is saved at the end. The model ends in
+    eval mode.
     """
     t0 = time.perf_counter()
-    task = task or task_of(model)
-    if task not in TASKS:
-        raise ValueError(f"task must be one of {TASKS}, got {task!r}")
-    if batch_size < 1 or grad_accum < 1:
-        raise ValueError(f"batch_size and grad_accum must be >= 1, got {batch_size} and {grad_accum}")
-    if eval_every is not None and eval_every < 1:
-        raise ValueError(f"eval_every must be >= 1, got {eval_every}")
-    examples = load_examples(train_data, input_field, target_field)
-    eval_examples = load_examples(eval_data, input_field, target_field) if eval_data is not None else None
+    args = TrainArgs.from_options(args, **options)
+    task = args.task or task_of(model)
+    examples = load_examples(train_data, args.input_field, args.target_field)
+    eval_examples = load_examples(eval_data, args.input_field, args.target_field) if eval_data is not None else None
     if task == "classification":
         label2id = resolve_label2id(model, examples + (eval_examples or []), label2id)
         model.config.label2id = label2id
@@ -186,62 +219,113 @@ def train(
         tokenizer,
         examples,
         task,
-        max_source_length=max_source_length,
-        max_target_length=max_target_length,
+        max_source_length=args.max_source_length,
+        max_target_length=args.max_target_length,
         label2id=label2id,
     )
-    pad_id = pad_token_id_of(tokenizer)
 
-    torch.manual_seed(seed)  # adapter init and dropout
+    torch.manual_seed(args.seed)  # adapter init and dropout
     kind = prepare_model(model, adapter, verbose=progress)
-    lr = lr if lr is not None else DEFAULT_LR.get(kind)
-    if lr is None:
-        raise ValueError(f"no default learning rate for adapter type {kind}; pass lr=")
+    optimizer = adamw_for(model, kind, args)
+    n_batches = math.ceil(len(features) / args.batch_size)
+    total_steps = args.max_steps if args.max_steps is not None else args.epochs * math.ceil(n_batches / args.grad_accum)
+    if total_steps < 1:
+        raise ValueError(f"nothing to train: epochs={args.epochs}, max_steps={args.max_steps}")
+
+    def score() -> float:
+        return evaluate(
+            model,
+            tokenizer,
+            eval_examples,
+            task=task,
+            batch_size=args.eval_batch_size,
+            max_new_tokens=args.max_target_length,
+            label2id=label2id,
+            progress=False,
+        ).score
+
+    losses, evals = run_steps(
+        model,
+        optimizer,
+        features,
+        pad_token_id_of(tokenizer),
+        task,
+        total_steps,
+        args,
+        score=score if eval_examples is not None else None,
+        desc=f"train {kind.lower()}",
+        progress=progress,
+    )
+    model.eval()
+
+    out = Path(output_dir) if output_dir is not None else None
+    if out is not None:
+        if kind == FULL:
+            save_full_model(model, tokenizer, out)
+        else:
+            save_adapter(model, out)
+    trainable, total = count_parameters(model)
+    return TrainResult(
+        model=model,
+        losses=losses,
+        evals=evals,
+        output_dir=out,
+        trainable_params=trainable,
+        total_params=total,
+        seconds=time.perf_counter() - t0,
+        task=task,
+        label2id=label2id,
+    )
+
+
+def adamw_for(model: nn.Module, kind: str, args: TrainArgs) -> torch.optim.Optimizer:
+    """AdamW over the trainable parameters: the adapter (or the whole model) at ``lr``, a head at ``head_lr``.
+
+    The fused kernel updates every tensor in one call, several times faster for many small adapters.
+    """
+    lr = args.lr if args.lr is not None else FULL_LR if kind == FULL else ADAPTER_TYPES[kind].default_lr
     head_names = set() if kind == FULL else set(modules_to_save_of(model, get_config(model)))
     head_params = [p for n, m in model.named_modules() if n in head_names for p in m.parameters() if p.requires_grad]
     head_ids = {id(p) for p in head_params}
     body_params = [p for p in model.parameters() if p.requires_grad and id(p) not in head_ids]
     groups = [{"params": body_params, "lr": lr}]
     if head_params:
-        groups.append({"params": head_params, "lr": head_lr if head_lr is not None else lr})
+        groups.append({"params": head_params, "lr": args.head_lr if args.head_lr is not None else lr})
     for g in groups:
         g["base_lr"] = g["lr"]
-    optimizer = make_optimizer(groups, weight_decay)
+    try:
+        return torch.optim.AdamW(groups, weight_decay=args.weight_decay, fused=True)
+    except RuntimeError:  # a device or dtype without the fused kernel
+        return torch.optim.AdamW(groups, weight_decay=args.weight_decay, foreach=True)
 
-    n_batches = math.ceil(len(features) / batch_size)
-    steps_per_epoch = math.ceil(n_batches / grad_accum)
-    total_steps = max_steps if max_steps is not None else epochs * steps_per_epoch
-    if total_steps < 1:
-        raise ValueError(f"nothing to train: epochs={epochs}, max_steps={max_steps}")
-    warmup_steps = min(round(warmup_ratio * total_steps), total_steps - 1)
+
+def run_steps(
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    features: list[dict[str, Any]],
+    pad_id: int,
+    task: str,
+    total_steps: int,
+    args: TrainArgs,
+    *,
+    score: Any = None,
+    desc: str = "train",
+    progress: bool = True,
+) -> tuple[list[float], list[tuple[int, float]]]:
+    """The training loop: ``total_steps`` optimizer steps of ``grad_accum`` batches; (losses, evaluations)."""
+    warmup_steps = min(round(args.warmup_ratio * total_steps), total_steps - 1)
     device = next(model.parameters()).device
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16) if args.bf16 else contextlib.nullcontext()
     no_cache = {} if task == "classification" else {"use_cache": False}  # no KV cache while training
-
     losses: list[torch.Tensor] = []  # one per optimizer step, kept on the device: no sync per step
     evals: list[tuple[int, float]] = []
-
-    def run_eval(step: int) -> None:
-        score = evaluate(
-            model,
-            tokenizer,
-            eval_examples,
-            task=task,
-            batch_size=eval_batch_size,
-            max_new_tokens=max_target_length,
-            label2id=label2id,
-            progress=False,
-        ).score
-        evals.append((step, score))
-        model.train()
-
-    bar = tqdm(total=total_steps, desc=f"train {kind.lower()}", disable=not progress, dynamic_ncols=True)
+    bar = tqdm(total=total_steps, desc=desc, disable=not progress, dynamic_ncols=True)
     model.train()
     step, epoch = 0, 0
     while step < total_steps:
-        epoch_batches = list(batches(features, batch_size, shuffle=True, seed=seed + epoch))
-        for start in range(0, len(epoch_batches), grad_accum):
-            group = epoch_batches[start : start + grad_accum]
+        epoch_batches = list(batches(features, args.batch_size, shuffle=True, seed=args.seed + epoch))
+        for start in range(0, len(epoch_batches), args.grad_accum):
+            group = epoch_batches[start : start + args.grad_accum]
             step_loss = torch.zeros((), device=device)
             for feats in group:
                 batch = {k: v.to(device, non_blocking=True) for k, v in collate(feats, pad_id).items()}
@@ -259,34 +343,16 @@ def train(
             bar.update(1)
             if progress and (step % 10 == 0 or step == total_steps):
                 bar.set_postfix(loss=f"{torch.stack(losses[-10:]).mean().item():.4f}", refresh=False)
-            if eval_examples is not None and eval_every and step % eval_every == 0:
-                run_eval(step)
+            if score is not None and args.eval_every and step % args.eval_every == 0:
+                evals.append((step, score()))
+                model.train()
             if step >= total_steps:
                 break
         epoch += 1
     bar.close()
-    if eval_examples is not None and (not evals or evals[-1][0] != step):
-        run_eval(step)
-    model.eval()
-
-    out = Path(output_dir) if output_dir is not None else None
-    if out is not None:
-        if kind == FULL:
-            save_full_model(model, tokenizer, out)
-        else:
-            save_adapter(model, out)
-    trainable, total = count_parameters(model)
-    return TrainResult(
-        model=model,
-        losses=torch.stack(losses).tolist(),
-        evals=evals,
-        output_dir=out,
-        trainable_params=trainable,
-        total_params=total,
-        seconds=time.perf_counter() - t0,
-        task=task,
-        label2id=label2id,
-    )
+    if score is not None and (not evals or evals[-1][0] != step):
+        evals.append((step, score()))
+    return torch.stack(losses).tolist(), evals
 
 
-__all__ = ["DEFAULT_LR", "FULL", "TrainResult", "adapter_config_for", "lr_factor", "prepare_model", "train"]
+__all__ = ["FULL", "FULL_LR", "TrainArgs", "TrainResult", "adamw_for", "lr_factor", "prepare_model", "train"]

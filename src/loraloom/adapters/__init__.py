@@ -15,7 +15,7 @@ from .inject import (
 )
 from .lora import LoraConfig, LoraLayer
 from .peft_format import load_adapter, read_adapter, save_adapter, write_adapter_folder
-from .registry import ADAPTER_TYPES, config_from_dict
+from .registry import ADAPTER_TYPES, adapter_names, config_for, config_from_dict, register
 
 __all__ = [
     "ADAPTER_TYPES",
@@ -30,6 +30,8 @@ __all__ = [
     "LoraLayer",
     "adapter_layers",
     "add_adapter",
+    "adapter_names",
+    "config_for",
     "config_from_dict",
     "count_parameters",
     "get_config",
@@ -37,6 +39,7 @@ __all__ = [
     "merge",
     "merge_and_unload",
     "read_adapter",
+    "register",
     "remove_adapter",
     "save_adapter",
     "unmerge",

@@ -54,6 +54,10 @@ class AdapterConfig:
     refused_fields: ClassVar[dict[str, str]] = {}
     # PEFT fields of this type that have no effect on what loraloom computes (besides PEFT_METADATA_FIELDS).
     ignored_fields: ClassVar[dict[str, str]] = {}
+    # The trainer's learning rate for this type when none is given.
+    default_lr: ClassVar[float] = 1e-4
+    # ``loraloom train`` options that set a field of this type: option name -> config field.
+    cli_options: ClassVar[dict[str, str]] = {}
 
     # Matched against each module's dotted path: a list matches a whole path or its suffix after a ".", a
     # string is a regex that must match the whole path (PEFT's rule). None picks the model type's default.

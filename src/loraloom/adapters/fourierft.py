@@ -31,6 +31,8 @@ DEFAULT_FOURIERFT_TARGETS = {**DEFAULT_LORA_TARGETS, "gpt2": ["mlp.c_proj"], "gp
 @dataclass
 class FourierFTConfig(AdapterConfig):
     peft_type: ClassVar[str] = "FOURIERFT"
+    default_lr: ClassVar[float] = 5e-2
+    cli_options: ClassVar[dict[str, str]] = {"n_frequency": "n_frequency", "scaling": "scaling"}
     n_frequency: int = 1000
     scaling: float = 150.0
     random_loc_seed: int = 777

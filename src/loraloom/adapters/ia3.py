@@ -52,6 +52,7 @@ DEFAULT_IA3_FEEDFORWARD: dict[str, list[str]] = {
 @dataclass
 class IA3Config(AdapterConfig):
     peft_type: ClassVar[str] = "IA3"
+    default_lr: ClassVar[float] = 3e-3
     # Targets whose input (not output) is scaled; a subset of target_modules. None: the model type's default.
     feedforward_modules: list[str] | str | None = None
     # True: vectors start at 1 (the identity); False: randn, for tests.

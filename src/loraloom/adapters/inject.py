@@ -15,6 +15,7 @@ from collections.abc import Iterable, Iterator
 import torch
 from torch import nn
 
+from ..tasks import peft_task_type_of
 from .base import ADAPTABLE_LAYERS, AdapterConfig, AdapterError, AdapterLayer
 
 # Heads trained in full for sequence classification (PEFT adds the same for task_type SEQ_CLS).
@@ -29,23 +30,6 @@ ALL_LINEAR = "all-linear"
 
 def adaptable_layer_names(model: nn.Module, layer_types: tuple[type[nn.Module], ...] = ADAPTABLE_LAYERS) -> list[str]:
     return [name for name, m in model.named_modules() if isinstance(m, layer_types)]
-
-
-def task_type_of(model: nn.Module) -> str | None:
-    """PEFT's task_type for a transformers model class, from its name."""
-    return task_type_of_class(type(model).__name__)
-
-
-def task_type_of_class(cls: str) -> str | None:
-    if cls.endswith("ForSequenceClassification"):
-        return "SEQ_CLS"
-    if cls.endswith("ForConditionalGeneration") or cls.endswith("ForSeq2SeqLM"):
-        return "SEQ_2_SEQ_LM"
-    if cls.endswith("ForCausalLM") or cls.endswith("LMHeadModel"):
-        return "CAUSAL_LM"
-    if cls.endswith("ForTokenClassification"):
-        return "TOKEN_CLS"
-    return None
 
 
 # ---- which modules: PEFT's matching rules ------------------------------------------------------
@@ -155,7 +139,7 @@ def resolve_config(model: nn.Module, config: AdapterConfig, *, saved: bool = Fal
             f"(adaptable layers: {_summarise(adaptable_layer_names(model, resolved.layer_types))})"
         )
     if resolved.task_type is None and not saved:
-        resolved.task_type = task_type_of(model)
+        resolved.task_type = peft_task_type_of(model)
     if isinstance(resolved.target_modules, str) and resolved.target_modules.lower() == ALL_LINEAR:
         resolved.target_modules = all_linear_names(model, resolved.task_type)
     if resolved.base_model_name_or_path is None:

@@ -63,6 +63,8 @@ class LoraConfig(AdapterConfig):
     ``ignored_fields`` (tests/test_peft_configs.py checks that against the installed PEFT)."""
 
     peft_type: ClassVar[str] = "LORA"
+    default_lr: ClassVar[float] = 2e-4
+    cli_options: ClassVar[dict[str, str]] = {"r": "r", "alpha": "lora_alpha", "dropout": "lora_dropout"}
     layer_types: ClassVar[tuple[type[nn.Module], ...]] = (nn.Linear, Conv1D, nn.Conv2d, nn.Embedding)
     refused_fields: ClassVar[dict[str, str]] = {
         "megatron_config": "Megatron tensor-parallel layers are not supported",

@@ -9,12 +9,8 @@ nothing is ever unpickled. A folder is written whole into a temp folder beside i
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
-import shutil
-import tempfile
-from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -22,6 +18,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from ..files import atomic_folder
 from .base import AdapterConfig, AdapterError
 from .inject import (
     CONFIG_ATTR,
@@ -41,54 +38,6 @@ KEY_PREFIX = "base_model.model."
 
 
 # ---- writing ---------------------------------------------------------------------------------
-
-
-def atomic_write(path: str | os.PathLike, write) -> None:
-    """Call ``write(tmp_path)`` then rename onto ``path``: readers never see a half-written file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-@contextlib.contextmanager
-def atomic_folder(path: str | os.PathLike) -> Iterator[Path]:
-    """Write a whole folder at once: yields a temp folder beside ``path`` to fill, then swaps it in.
-
-    On an exception the temp folder is deleted and ``path`` is left exactly as it was. On success,
-    entries of the old folder that the new one does not have are carried over (a folder may hold more
-    than what this save writes), the old folder is renamed aside, the new one renamed into place, and the
-    old one deleted. Each rename is atomic; a crash between the two leaves the old folder complete under
-    ``.<name>.old-*`` beside ``path``.
-    """
-    path = Path(path)
-    if path.exists() and not path.is_dir():
-        raise AdapterError(f"{path}: expected a folder to write into, found a file")
-    if path.resolve() in (Path.cwd().resolve(), Path(path.resolve().anchor)):
-        raise AdapterError(f"{path}: refusing to replace the current folder or a filesystem root; name a subfolder")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.tmp-"))
-    try:
-        yield tmp
-        if path.is_dir():
-            for entry in path.iterdir():
-                if not (tmp / entry.name).exists():
-                    os.rename(entry, tmp / entry.name)
-            old = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.old-"))
-            os.rename(path, old / path.name)
-            os.rename(tmp, path)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.rename(tmp, path)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
 
 
 def write_adapter_folder(out_dir: str | os.PathLike, config: AdapterConfig, tensors: dict[str, torch.Tensor]) -> Path:

@@ -8,7 +8,7 @@ from a pool.
 
 from .bank import ModuleBank, layer_groups_of, list_pool, load_bank
 from .compose import ComposedLoraLayer, Composition
-from .engine import compose, load_base_model, lorahub
+from .engine import compose, lorahub
 from .objective import Objective, Scores, encode_few_shot
 from .result import LoraHubResult, read_weights
 from .search import (
@@ -48,7 +48,6 @@ __all__ = [
     "layer_groups_of",
     "list_pool",
     "load_bank",
-    "load_base_model",
     "lorahub",
     "nevergrad_search",
     "read_weights",

@@ -16,21 +16,13 @@ from typing import Any
 from torch import nn
 
 from ..data import load_examples, pad_token_id_of
+from ..models import load_base
 from .bank import ModuleBank, load_bank
 from .compose import Composition
 from .objective import Objective, encode_few_shot, parameters_in
 from .result import LoraHubResult
 from .search import SearchSettings, run_search
-from .select import METHODS, Selection, pool_modules, select_random, select_retrieval
-
-
-def load_base_model(name_or_path: str) -> tuple[nn.Module, Any]:
-    """(model, tokenizer) for a seq2seq or causal LM folder or hub id, in eval mode."""
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoTokenizer
-
-    config = AutoConfig.from_pretrained(name_or_path)
-    auto = AutoModelForSeq2SeqLM if getattr(config, "is_encoder_decoder", False) else AutoModelForCausalLM
-    return auto.from_pretrained(name_or_path).eval(), AutoTokenizer.from_pretrained(name_or_path)
+from .select import DEFAULT_NUM, METHODS, Selection, pool_modules, select_random, select_retrieval
 
 
 class _Clock:
@@ -55,7 +47,7 @@ def lorahub(
     *,
     tokenizer: Any = None,
     pool: str | os.PathLike | Sequence[str | os.PathLike] | None = None,
-    num: int = 20,
+    num: int = DEFAULT_NUM,
     select: str = "random",
     settings: SearchSettings | None = None,
     max_length: int | None = None,
@@ -142,7 +134,7 @@ def lorahub(
 
 def _base_and_tokenizer(base: nn.Module | str | os.PathLike, tokenizer: Any) -> tuple[nn.Module, Any]:
     if isinstance(base, (str, os.PathLike)):
-        model, loaded = load_base_model(str(base))
+        model, loaded = load_base(base)
         return model, tokenizer or loaded
     if tokenizer is None:
         raise ValueError("pass tokenizer=... with a model object (or give the base model's folder or hub id)")
@@ -176,4 +168,4 @@ def compose(
     return Composition(base_model, bank, layer_groups).merge(weights)
 
 
-__all__ = ["compose", "load_base_model", "lorahub"]
+__all__ = ["compose", "lorahub"]

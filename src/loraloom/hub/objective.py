@@ -28,7 +28,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..data import IGNORE_INDEX, Example, collate, encode_causal, encode_seq2seq, pad_token_id_of, task_of
+from ..data import IGNORE_INDEX, Example, collate, encode_causal, encode_seq2seq, pad_token_id_of
+from ..tasks import task_of
 from .compose import Composition, as_population
 
 KINDS = ("mean", "reference")

@@ -21,7 +21,8 @@ from typing import Any
 
 from torch import nn
 
-from ..adapters.peft_format import atomic_folder, write_adapter_folder
+from ..adapters.peft_format import write_adapter_folder
+from ..files import atomic_folder
 from .bank import ModuleBank
 from .compose import Composition
 from .search import Evaluation

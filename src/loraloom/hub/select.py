@@ -21,6 +21,7 @@ from .compose import Composition
 from .objective import Objective
 
 METHODS = ("random", "retrieval")
+DEFAULT_NUM = 20  # modules composed (the paper's N)
 RETRIEVAL_CHUNK = 32  # modules read and scored together
 
 

@@ -31,6 +31,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..adapters.base import AdapterError
+from ..models import load_base
 from .cache import BASE, AdapterCache, UnknownAdapter
 from .engine import Engine, Request, SamplingParams, Scheduler
 from .multi import LoraWeights
@@ -295,14 +296,15 @@ def _usage(request: Request) -> dict[str, int]:
     return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
 
 
-def load_model(name_or_path: str, *, dtype: str = "float32"):
-    """(causal LM, tokenizer) from a local folder or a hub id."""
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    model = AutoModelForCausalLM.from_pretrained(name_or_path, dtype=getattr(torch, dtype)).eval()
-    tokenizer = AutoTokenizer.from_pretrained(name_or_path)
-    return model, tokenizer
+def named_adapters(items: list[str]) -> dict[str, str]:
+    """``["name=folder-or-hub-id", ...]`` (``--adapter``) -> {name: source}."""
+    named = {}
+    for item in items:
+        name, sep, source = item.partition("=")
+        if not sep or not name or not source:
+            raise ValueError(f"--adapter {item}: expected NAME=FOLDER_OR_HUB_ID")
+        named[name] = source
+    return named
 
 
 @dataclass
@@ -345,22 +347,8 @@ def build_app(options: ServeOptions) -> FastAPI:
     cache = AdapterCache(options.adapters, limit_mib=options.cache_mib)
     for name, source in options.named.items():
         cache.add(name, source, load=False)
-    model, tokenizer = load_model(options.base)
+    model, tokenizer = load_base(options.base, "causal")
     return create_app(Engine(model, tokenizer, max_batch=options.max_batch), cache)
 
 
-def serve(options: ServeOptions) -> None:
-    """Run the server until interrupted (``options.ray_replicas`` >= 1: with Ray Serve)."""
-    if options.ray_replicas:
-        from .replicas import serve_replicas
-
-        serve_replicas(options)
-        return
-    import uvicorn
-
-    app = build_app(options)
-    print(f"loraloom: serving {options.base} (adapters: {options.adapters}) on http://{options.host}:{options.port}")
-    uvicorn.run(app, host=options.host, port=options.port, log_level="info")
-
-
-__all__ = ["APIError", "ServeOptions", "build_app", "create_app", "load_model", "serve"]
+__all__ = ["APIError", "ServeOptions", "named_adapters", "build_app", "create_app"]

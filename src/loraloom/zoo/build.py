@@ -17,7 +17,6 @@ where it stopped):
 from __future__ import annotations
 
 import copy
-import hashlib
 import json
 import os
 import shutil
@@ -35,11 +34,13 @@ from transformers import AutoModelForSeq2SeqLM, AutoTokenizer, PreTrainedTokeniz
 
 from ..adapters import LoraConfig
 from ..adapters.inject import get_config
-from ..adapters.peft_format import adapter_state_dict, atomic_write, write_adapter_folder
+from ..adapters.peft_format import adapter_state_dict, write_adapter_folder
 from ..data import Example, collate, encode_seq2seq
 from ..evaluate import evaluate
-from ..train import lr_factor, make_optimizer, train
+from ..files import atomic_folder, atomic_write, sha256_of
+from ..train import lr_factor, train
 from . import tasks as world
+from .base import build_demo_t5, train_tokenizer  # the tokenizer the LoRA walk-through uses too
 
 ARTIFACTS = Path(__file__).parent / "artifacts"
 MANIFEST = "manifest.json"
@@ -115,14 +116,12 @@ class BuildReport:
 
 def make_tokenizer() -> PreTrainedTokenizerFast:
     """Word-level over the world's words; printable characters (and ## continuations) spell anything else."""
-    from ..demo import train_tokenizer  # the word-level tokenizer the LoRA walk-through uses too
 
     chars = " ".join(c for c in string.printable if not c.isspace())
     return train_tokenizer([*world.vocabulary_texts(), chars], vocab_size=10_000)
 
 
 def make_base(tokenizer: PreTrainedTokenizerFast, settings: BuildSettings) -> T5ForConditionalGeneration:
-    from ..demo import build_demo_t5
 
     return build_demo_t5(
         tokenizer,
@@ -177,7 +176,7 @@ def train_base(work: Path, settings: BuildSettings, progress: bool, log) -> tupl
         ).eval(), AutoTokenizer.from_pretrained(done_dir)
     tokenizer = make_tokenizer()
     model = make_base(tokenizer, settings)
-    optimizer = make_optimizer([{"params": list(model.parameters()), "lr": settings.base_lr}], weight_decay=0.0)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=settings.base_lr, weight_decay=0.0, fused=True)
     ckpt_file = work / "base_checkpoint.pt"
     step, losses = 0, []
     if ckpt_file.is_file():
@@ -260,14 +259,6 @@ def train_module(base, tokenizer, spec: world.TaskSpec, out_dir: Path, settings:
     return score
 
 
-def sha256_of(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def save_base_fp16(model, tokenizer, out_dir: Path) -> None:
     """The base as a normal HF folder with half-precision weights; it loads as fp32 (config dtype float32)."""
     model.save_pretrained(out_dir)
@@ -279,9 +270,7 @@ def save_base_fp16(model, tokenizer, out_dir: Path) -> None:
 
 def ship(out: Path, work: Path, base, tokenizer, settings: BuildSettings, base_scores, module_scores, seconds) -> None:
     """Write the artifacts folder next to ``out`` and swap it in (never a half-written zoo)."""
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}."))
-    try:
+    with atomic_folder(out, whole=True) as tmp:
         # A freshly made tokenizer (the same vocabulary) saves without a loaded one's local-path fields.
         save_base_fp16(base, make_tokenizer(), tmp / "base")
         for name in module_scores:
@@ -317,17 +306,6 @@ def ship(out: Path, work: Path, base, tokenizer, settings: BuildSettings, base_s
             "files": {str(p.relative_to(tmp)): sha256_of(p) for p in files},
         }
         _write_json(tmp / MANIFEST, manifest)
-        if out.exists():
-            old = out.with_name(f".{out.name}.old")
-            shutil.rmtree(old, ignore_errors=True)
-            os.replace(out, old)
-            os.replace(tmp, out)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
 
 
 def build(
@@ -373,4 +351,4 @@ def build(
     return BuildReport(out, state["base_scores"], state["module_scores"], state["seconds"])
 
 
-__all__ = ["ARTIFACTS", "MANIFEST", "BuildReport", "BuildSettings", "build", "make_tokenizer", "sha256_of"]
+__all__ = ["ARTIFACTS", "MANIFEST", "BuildReport", "BuildSettings", "build", "make_tokenizer"]

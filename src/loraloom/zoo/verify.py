@@ -17,7 +17,8 @@ import torch
 from safetensors import safe_open
 
 from ..adapters import read_adapter
-from .build import ARTIFACTS, MANIFEST, sha256_of
+from ..files import sha256_of
+from .build import ARTIFACTS, MANIFEST
 
 
 class ZooError(ValueError):

@@ -7,7 +7,6 @@ store each as it finishes -> return the results of this call's cells.
 
 from __future__ import annotations
 
-import hashlib
 import os
 import re
 import resource
@@ -22,10 +21,12 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from .. import models
 from ..adapters.peft_format import CONFIG_NAME, WEIGHTS_NAME, read_json_object
 from ..data import DataError
 from ..evaluate import write_predictions
-from ..hub import list_pool, load_bank, load_base_model
+from ..files import sha256_of
+from ..hub import list_pool, load_bank
 from .methods import METHODS, POOL_METHODS, Job, Outcome, runs_of
 from .results import Results
 from .settings import ExperimentSettings, stable_hash
@@ -207,22 +208,14 @@ def check_pool(pool: str | os.PathLike | Sequence[str | os.PathLike]) -> list[st
 
 def pool_fingerprint(modules: Sequence[str]) -> str:
     """The modules' names and file contents: a changed pool makes new LoraHub cells."""
-    return stable_hash([[Path(m).name, file_sha256(Path(m) / CONFIG_NAME), _weights_sha(Path(m))] for m in modules])
+    return stable_hash([[Path(m).name, sha256_of(Path(m) / CONFIG_NAME), _weights_sha(Path(m))] for m in modules])
 
 
 def _weights_sha(folder: Path) -> str | None:
     path = folder / WEIGHTS_NAME
     if not path.is_file():
         path = folder / "adapter_model.bin"
-    return file_sha256(path) if path.is_file() else None
-
-
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
+    return sha256_of(path) if path.is_file() else None
 
 
 def base_identity(base: str | os.PathLike) -> dict[str, Any]:
@@ -237,7 +230,7 @@ def base_identity(base: str | os.PathLike) -> dict[str, Any]:
     if folder.is_dir():
         files = sorted(p for p in folder.iterdir() if p.suffix in (".safetensors", ".bin") and p.is_file())
         identity["base"] = str(folder.resolve())
-        identity["weights"] = stable_hash([[p.name, file_sha256(p)] for p in files])
+        identity["weights"] = stable_hash([[p.name, sha256_of(p)] for p in files])
     return identity
 
 
@@ -249,7 +242,7 @@ def load_base(base: str, progress: bool) -> tuple[nn.Module, Any]:
     if not progress:
         hf_logging.disable_progress_bar()
     try:
-        return load_base_model(base)
+        return models.load_base(base)
     finally:
         if shown:
             hf_logging.enable_progress_bar()

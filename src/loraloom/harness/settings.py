@@ -16,11 +16,13 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
+from ..adapters.registry import ADAPTER_TYPES
 from ..hub.search import SearchSettings
-from ..train import DEFAULT_LR
+from ..train import FULL, FULL_LR
 
 # What the runner passes to ll.lorahub itself; lorahub_options must not set these.
 LORAHUB_RESERVED = ("base", "modules", "examples", "tokenizer", "pool", "num", "select", "budget", "seed", "mode")
@@ -30,7 +32,15 @@ LORAHUB_METHODS = {
     "lorahub-retrieval": ("retrieval", "nevergrad"),  # the N with the lowest loss on the learning examples
     "lorahub-gradient": ("random", "gradient"),  # Adam on w instead of the gradient-free search
 }
-GRADIENT_METHODS = ("lora", "ia3", "fourierft", "full")
+# One gradient baseline per registered adapter type, and full fine-tuning.
+GRADIENT_METHODS = (*(name.lower() for name in ADAPTER_TYPES), FULL)
+# The harness's learning rates where the LoraHub paper's baselines differ from a type's own default_lr.
+PAPER_LR = {FULL: FULL_LR, "ia3": 2e-4}
+
+
+def default_learning_rates() -> dict[str, float]:
+    """Per gradient method: the paper's learning rate, else the adapter type's ``default_lr``."""
+    return {**{name.lower(): cls.default_lr for name, cls in ADAPTER_TYPES.items()}, **PAPER_LR}
 
 
 @dataclass(frozen=True)
@@ -51,14 +61,10 @@ class ExperimentSettings:
     recorded as given, and each cell also records the settings LoraHub reports it ran with."""
     epochs: int = 40
     """Gradient baselines: epochs over the learning examples."""
-    lr_full: float = 3e-5
-    """Full fine-tuning learning rate (the paper's)."""
-    lr_lora: float = 2e-4
-    """LoRA learning rate (the paper's)."""
-    lr_ia3: float = 2e-4
-    """IA3 learning rate (the paper's)."""
-    lr_fourierft: float = DEFAULT_LR["FOURIERFT"]
-    """FourierFT learning rate for the spectral coefficients (loraloom's documented default)."""
+    learning_rates: dict[str, float] = field(default_factory=default_learning_rates)
+    """Per gradient method, its learning rate (``lr_<method>`` in ``from_dict`` / ``--set`` sets one): the
+    paper's (full 3e-5, LoRA 2e-4, IA3 2e-4), else the type's ``default_lr`` (FourierFT 5e-2). Methods left
+    out keep their default."""
     gradient_runs: int = 3
     """Gradient baselines: training runs per task and seed (run r trains with seed 1000 * seed + r); the
     report shows their mean."""
@@ -87,10 +93,14 @@ class ExperimentSettings:
                 _check_int(self, name, minimum=1)
         if self.split_seed is not None:
             _check_int(self, "split_seed", minimum=0)
-        for name in ("lr_full", "lr_lora", "lr_ia3", "lr_fourierft"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
-                raise ValueError(f"ExperimentSettings.{name} must be a positive number, got {value!r}")
+        if not isinstance(self.learning_rates, dict):
+            raise ValueError(f"ExperimentSettings.learning_rates must be a dict, got {self.learning_rates!r}")
+        object.__setattr__(self, "learning_rates", {**default_learning_rates(), **self.learning_rates})
+        for method, value in self.learning_rates.items():
+            if method not in GRADIENT_METHODS:
+                raise ValueError(f"ExperimentSettings.learning_rates: unknown method {method!r}; use {GRADIENT_METHODS}")
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
+                raise ValueError(f"ExperimentSettings lr_{method} must be a positive number, got {value!r}")
         if not isinstance(self.lorahub_options, dict) or not all(isinstance(k, str) for k in self.lorahub_options):
             raise ValueError(
                 f"ExperimentSettings.lorahub_options must be a dict of keyword arguments, got {self.lorahub_options!r}"
@@ -108,9 +118,10 @@ class ExperimentSettings:
                 raise ValueError(f"ExperimentSettings.lorahub_options: {e}") from e
         if not isinstance(self.adapter_options, dict):
             raise ValueError(f"ExperimentSettings.adapter_options must be a dict, got {self.adapter_options!r}")
-        unknown = sorted(set(self.adapter_options) - {"lora", "ia3", "fourierft"})
+        types = [m for m in GRADIENT_METHODS if m != FULL]
+        unknown = sorted(set(self.adapter_options) - set(types))
         if unknown:
-            raise ValueError(f"ExperimentSettings.adapter_options: unknown adapter {unknown}; use lora, ia3, fourierft")
+            raise ValueError(f"ExperimentSettings.adapter_options: unknown adapter {unknown}; use {', '.join(types)}")
         if not all(isinstance(v, dict) for v in self.adapter_options.values()):
             raise ValueError("ExperimentSettings.adapter_options: each value must be a dict of config fields")
         if not isinstance(self.icl_separator, str):
@@ -126,11 +137,29 @@ class ExperimentSettings:
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> ExperimentSettings:
         """Settings from a dict; an unknown name is an error listing the known ones."""
+        values = dict(values)
+        rates = {k.removeprefix("lr_"): values.pop(k) for k in list(values) if k.removeprefix("lr_") in GRADIENT_METHODS}
+        if rates:
+            values["learning_rates"] = {**values.get("learning_rates", {}), **rates}
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(values) - known)
         if unknown:
             raise ValueError(f"unknown experiment setting(s) {unknown}; known: {', '.join(sorted(known))}")
         return cls(**values)
+
+    @classmethod
+    def from_assignments(cls, assignments: list[str], **values: Any) -> ExperimentSettings:
+        """Settings from ``NAME=VALUE`` strings (VALUE read as JSON, else as text; ``--set``) and ``values``."""
+        parsed: dict[str, Any] = {}
+        for item in assignments:
+            name, eq, text = item.partition("=")
+            if not eq or not name.strip():
+                raise ValueError(f"--set {item!r}: expected NAME=VALUE, e.g. --set max_new_tokens=16")
+            try:
+                parsed[name.strip().replace("-", "_")] = json.loads(text)
+            except json.JSONDecodeError:
+                parsed[name.strip().replace("-", "_")] = text
+        return cls.from_dict({**parsed, **values})
 
     def replace(self, **changes: Any) -> ExperimentSettings:
         return ExperimentSettings.from_dict({**self.to_dict(), **changes})
@@ -143,8 +172,10 @@ class ExperimentSettings:
         elif method in LORAHUB_METHODS:
             names += ["num_modules"]
         elif method in GRADIENT_METHODS:
-            names += ["epochs", f"lr_{method}", "train_batch_size"]
+            names += ["epochs", "train_batch_size"]
         values = {name: getattr(self, name) for name in names}
+        if method in GRADIENT_METHODS:  # under its old field name: the hashes of earlier runs still match
+            values[f"lr_{method}"] = self.learning_rates[method]
         if method in LORAHUB_METHODS:  # the search as it will run, LoraHub's defaults included (not the seed)
             values["search"] = {k: v for k, v in self.search_settings(method).to_dict().items() if k != "seed"}
         if method in self.adapter_options:

@@ -12,14 +12,11 @@ import csv
 import io
 import json
 import os
-import shutil
 import statistics
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..adapters.peft_format import atomic_write
 from .settings import LORAHUB_METHODS
 from .store import COLUMNS, Store
 
@@ -189,64 +186,4 @@ def load_results(run_dir: str | os.PathLike) -> tuple[Results, dict[str, Any]]:
     return Results(rows, methods=info.get("methods", []), run_dir=Path(run_dir)), info
 
 
-def report(run_dir: str | os.PathLike, *, plots: bool = True) -> Path:
-    """Write report.md, results.csv and (with ``plots``) plots/*.png into ``run_dir``; returns report.md's path."""
-    from .plots import write_plots
-
-    run_dir = Path(run_dir)
-    results, info = load_results(run_dir)
-    plot_files: list[str] = []
-    if plots:  # into a temp folder beside plots/, then swapped in whole
-        tmp = Path(tempfile.mkdtemp(dir=run_dir, prefix=f".{PLOTS_DIR}."))
-        try:
-            plot_files = write_plots(results, tmp)
-            old = run_dir / PLOTS_DIR
-            if old.exists():
-                trash = Path(tempfile.mkdtemp(dir=run_dir, prefix=".old-plots."))
-                os.replace(old, trash / PLOTS_DIR)
-                shutil.rmtree(trash)
-            os.replace(tmp, old)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
-    text = report_markdown(results, info, plot_files)
-    atomic_write(run_dir / RESULTS_CSV, lambda t: Path(t).write_text(results.to_csv(), encoding="utf-8"))
-    atomic_write(run_dir / REPORT_MD, lambda t: Path(t).write_text(text, encoding="utf-8"))
-    return run_dir / REPORT_MD
-
-
-def report_markdown(results: Results, info: dict[str, Any], plot_files: list[str]) -> str:
-    statuses = [r["status"] for r in results.rows]
-    lines = [
-        "# Experiment report",
-        "",
-        f"- base model: `{info.get('base')}`",
-        f"- module pool: {info.get('pool_size', 0)} modules",
-        f"- tasks: {len(results.tasks)}; methods: {', '.join(results.methods)}; seeds: {info.get('seeds')}",
-        f"- cells: {len(statuses)} ({statuses.count('done')} done, {statuses.count('skipped')} skipped, "
-        f"{statuses.count('failed')} failed)",
-        "",
-        "## Exact match (%)",
-        "",
-        "Mean over seeds (gradient baselines: of the mean over runs); LoraHub: average and best seed."
-        + (" † some cells of this task and method failed." if "failed" in statuses else ""),
-        "",
-        results.markdown(),
-    ]
-    if plot_files:
-        lines += ["## Plots", ""] + [f"![{Path(f).stem}]({PLOTS_DIR}/{f})" for f in plot_files] + [""]
-    lines += ["## Settings", "", "```json", json.dumps(info.get("settings", {}), indent=2, sort_keys=True), "```", ""]
-    for method in results.methods:  # what LoraHub reports it ran with (one cell's; only the seed differs)
-        ran = next((r for r in results.rows if r["method"] == method and r["status"] == "done" and r["details"]), None)
-        if ran and "lorahub_settings" in ran["details"]:
-            search = {k: v for k, v in ran["details"]["lorahub_settings"].items() if k != "seed"}
-            lines += [f"{method} search, as run:", "", "```json", json.dumps(search, sort_keys=True), "```", ""]
-    lines += [
-        f"Every cell, with its settings hash, predictions file, LoraHub weights and modules: {RESULTS_CSV} "
-        "and results.sqlite.",
-        "",
-    ]
-    return "\n".join(lines)
-
-
-__all__ = ["Results", "load_results", "report", "summarise"]
+__all__ = ["Results", "load_results", "shows_best", "summarise"]

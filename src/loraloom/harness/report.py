@@ -1,4 +1,5 @@
-"""The report's plots, drawn on matplotlib ``Figure`` objects (no pyplot state).
+"""``report(run_dir)``: report.md, results.csv and the plots of an experiment, drawn on matplotlib ``Figure``
+objects (no pyplot state).
 
 - ``methods.png``: per method, the task-average exact match of each seed (dots) and their mean with
   the spread over seeds (bar and error bar: one standard deviation).
@@ -10,7 +11,9 @@
 
 from __future__ import annotations
 
+import json
 import math
+import os
 import re
 import statistics
 from pathlib import Path
@@ -18,7 +21,8 @@ from typing import Any
 
 from matplotlib.figure import Figure
 
-from .results import Results, shows_best
+from ..files import atomic_folder, atomic_write
+from .results import PLOTS_DIR, REPORT_MD, RESULTS_CSV, Results, load_results, shows_best
 
 
 def write_plots(results: Results, folder: Path) -> list[str]:
@@ -141,3 +145,54 @@ def traces_figure(tasks: list[str], rows: list[dict[str, Any]], method: str) -> 
 
 
 __all__ = ["methods_figure", "traces_figure", "weights_figure", "write_plots"]
+
+
+def report(run_dir: str | os.PathLike, *, plots: bool = True) -> Path:
+    """Write report.md, results.csv and (with ``plots``) plots/*.png into ``run_dir``; returns report.md's path."""
+    run_dir = Path(run_dir)
+    results, info = load_results(run_dir)
+    plot_files: list[str] = []
+    if plots:  # the folder is swapped in whole: no plot of an earlier report survives beside new ones
+        with atomic_folder(run_dir / PLOTS_DIR, whole=True) as tmp:
+            plot_files = write_plots(results, tmp)
+    text = report_markdown(results, info, plot_files)
+    atomic_write(run_dir / RESULTS_CSV, lambda t: Path(t).write_text(results.to_csv(), encoding="utf-8"))
+    atomic_write(run_dir / REPORT_MD, lambda t: Path(t).write_text(text, encoding="utf-8"))
+    return run_dir / REPORT_MD
+
+
+def report_markdown(results: Results, info: dict[str, Any], plot_files: list[str]) -> str:
+    statuses = [r["status"] for r in results.rows]
+    lines = [
+        "# Experiment report",
+        "",
+        f"- base model: `{info.get('base')}`",
+        f"- module pool: {info.get('pool_size', 0)} modules",
+        f"- tasks: {len(results.tasks)}; methods: {', '.join(results.methods)}; seeds: {info.get('seeds')}",
+        f"- cells: {len(statuses)} ({statuses.count('done')} done, {statuses.count('skipped')} skipped, "
+        f"{statuses.count('failed')} failed)",
+        "",
+        "## Exact match (%)",
+        "",
+        "Mean over seeds (gradient baselines: of the mean over runs); LoraHub: average and best seed."
+        + (" † some cells of this task and method failed." if "failed" in statuses else ""),
+        "",
+        results.markdown(),
+    ]
+    if plot_files:
+        lines += ["## Plots", ""] + [f"![{Path(f).stem}]({PLOTS_DIR}/{f})" for f in plot_files] + [""]
+    lines += ["## Settings", "", "```json", json.dumps(info.get("settings", {}), indent=2, sort_keys=True), "```", ""]
+    for method in results.methods:  # what LoraHub reports it ran with (one cell's; only the seed differs)
+        ran = next((r for r in results.rows if r["method"] == method and r["status"] == "done" and r["details"]), None)
+        if ran and "lorahub_settings" in ran["details"]:
+            search = {k: v for k, v in ran["details"]["lorahub_settings"].items() if k != "seed"}
+            lines += [f"{method} search, as run:", "", "```json", json.dumps(search, sort_keys=True), "```", ""]
+    lines += [
+        f"Every cell, with its settings hash, predictions file, LoraHub weights and modules: {RESULTS_CSV} "
+        "and results.sqlite.",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+__all__ = ["report", "report_markdown", "write_plots"]

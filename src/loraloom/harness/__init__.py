@@ -2,11 +2,12 @@
 
 tasks.py (task sources, splits) -> settings.py (every protocol setting, hashed per cell) -> methods.py
 (one function per method) -> runner.py (``experiment``: the cells, serially or on Ray) -> store.py
-(SQLite results, resume) -> results.py (tables, markdown, ``report``) -> plots.py.
+(SQLite results, resume) -> results.py (tables) -> report.py (report.md, CSV, plots).
 """
 
 from .methods import METHODS, POOL_METHODS
-from .results import Results, load_results, report
+from .report import report
+from .results import Results, load_results
 from .runner import DEFAULT_METHODS, experiment
 from .settings import ExperimentSettings
 from .tasks import BBH_TASKS, Task, load_tasks

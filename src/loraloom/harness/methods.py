@@ -18,11 +18,13 @@ from typing import Any
 from torch import nn
 
 from ..adapters import load_adapter, remove_adapter
-from ..data import Example, pad_token_id_of, task_of
+from ..adapters.registry import config_for
+from ..data import Example, pad_token_id_of
 from ..evaluate import evaluate
 from ..hub import encode_few_shot, lorahub, select_retrieval
 from ..hub.objective import model_max_length
-from ..train import FULL, adapter_config_for, train
+from ..tasks import task_of
+from ..train import FULL, train
 from .settings import GRADIENT_METHODS, LORAHUB_METHODS, ExperimentSettings
 
 POOL_METHODS = (*LORAHUB_METHODS, "retrieval-best")
@@ -168,7 +170,7 @@ def retrieval_best(job: Job, model: nn.Module, tokenizer: Any) -> Outcome:
 def gradient_baseline(job: Job, model: nn.Module, tokenizer: Any) -> Outcome:
     """Train a copy of the base (an adapter, or every weight for "full") on the learning examples, score it."""
     s, name = job.settings, job.method
-    adapter = FULL if name == FULL else dataclasses.replace(adapter_config_for(name), **s.adapter_options.get(name, {}))
+    adapter = FULL if name == FULL else dataclasses.replace(config_for(name), **s.adapter_options.get(name, {}))
     trained = copy.deepcopy(model)
     result = train(
         trained,
@@ -177,7 +179,7 @@ def gradient_baseline(job: Job, model: nn.Module, tokenizer: Any) -> Outcome:
         adapter=adapter,
         epochs=s.epochs,
         batch_size=s.train_batch_size,
-        lr=getattr(s, f"lr_{name}"),
+        lr=s.learning_rates[name],
         seed=1000 * job.seed + job.run,
         progress=False,
     )

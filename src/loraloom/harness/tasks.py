@@ -25,8 +25,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..adapters.peft_format import atomic_write
 from ..data import DataError, Example, load_examples
+from ..files import atomic_write
 from .settings import stable_hash
 
 BBH_TASKS = (
