@@ -135,7 +135,7 @@ def test_install_refuses_adapted_layers_and_bad_weights(tmp_path):
         composition.merge([1.0])
     composition.set_weights([[1.0, 0.0], [0.0, 1.0]])
     three_rows = {k: v[[0, 1, 1]] for k, v in model_inputs("t5").items()}
-    with pytest.raises(AdapterError, match="3 rows cannot be split among 2 candidates"):
+    with pytest.raises(AdapterError, match="3 rows cannot be split among 2 adapters"):
         logits(model, three_rows)
     composition.remove()
     assert not any(isinstance(m, ComposedLoraLayer) for m in model.modules())

@@ -222,6 +222,35 @@ def lora_delta(lora_A: torch.Tensor, lora_B: torch.Tensor, scaling: float) -> to
     return (lora_B.float() @ lora_A.float()) * scaling
 
 
+def lora_forward(
+    x: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor, scaling: float = 1.0, add_to: torch.Tensor | None = None
+) -> torch.Tensor:
+    """s·B·A·x (plus ``add_to``): the one LoRA forward, for the layer, LoraHub's composition and the server.
+
+    One module: A is r x d_in, B d_out x r, x any ... x d_in. A stack of G modules (G x r x d_in, G x d_out x r):
+    x's rows split into G contiguous shares, share g through module g, in two batched matmuls whatever G is
+    (LoraHub's P candidates; a server's adapter per row). The scaling multiplies the r-wide intermediate, not
+    the d_out-wide output: same result, less work.
+    """
+    if lora_A.dim() == 3 and lora_A.shape[0] == 1:
+        lora_A, lora_B = lora_A[0], lora_B[0]
+    if lora_A.dim() == 2:
+        delta = F.linear(F.linear(x, lora_A) * scaling, lora_B)
+        return delta if add_to is None else add_to + delta.to(add_to.dtype)
+    g = lora_A.shape[0]
+    if x.shape[0] % g:
+        raise AdapterError(f"batch of {x.shape[0]} rows cannot be split among {g} adapters")
+    rows = x.reshape(g, -1, x.shape[-1])  # share i: rows i·n/g .. (i+1)·n/g - 1
+    h = torch.bmm(rows, lora_A.transpose(1, 2))
+    if scaling != 1.0:
+        h = h * scaling
+    if add_to is None or add_to.dtype != h.dtype:
+        delta = torch.bmm(h, lora_B.transpose(1, 2)).reshape(*x.shape[:-1], lora_B.shape[1])
+        return delta if add_to is None else add_to + delta.to(add_to.dtype)
+    out = torch.baddbmm(add_to.reshape(g, -1, lora_B.shape[1]), h, lora_B.transpose(1, 2))  # the add fused in
+    return out.reshape(*x.shape[:-1], lora_B.shape[1])
+
+
 class LoraLayer(AdapterLayer):
     """LoRA on an ``nn.Linear`` or a ``Conv1D``; ``LoraConv2d`` and ``LoraEmbedding`` change only how A and
     B are held and applied.
@@ -288,11 +317,10 @@ class LoraLayer(AdapterLayer):
 
     def lora_forward(self, x: torch.Tensor) -> torch.Tensor:
         """s·B·A·x, x already through dropout (+ s·b with ``lora_bias``)."""
-        # Scale the r-wide intermediate rather than the d_out-wide output: same result, less work.
-        h = self.lora_A(x) * self.scaling
+        delta = lora_forward(x, self.lora_A.weight, self.lora_B.weight, self.scaling)
         if self.lora_B.bias is None:
-            return self.lora_B(h)
-        return F.linear(h, self.lora_B.weight, self.lora_B.bias * self.scaling)  # PEFT scales b with B·A
+            return delta
+        return delta + self.lora_B.bias * self.scaling  # PEFT scales b with B·A
 
     def add_lora_bias(self) -> None:
         """PEFT's ``lora_bias``: a trainable bias in lora_B (saved as ``lora_B.bias``), zero at the start."""

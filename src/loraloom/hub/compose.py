@@ -14,12 +14,11 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from ..adapters.base import AdapterError, AdapterLayer
 from ..adapters.inject import install_layers, uninstall_layers
-from ..adapters.lora import lora_delta
+from ..adapters.lora import lora_delta, lora_forward
 from .bank import ModuleBank, _weighted_sum
 
 
@@ -58,18 +57,8 @@ class ComposedLoraLayer(AdapterLayer):
         y = self.base_layer(x)
         if self.merged or self.A_hat is None:
             return y
-        a, b = self.A_hat, self.B_hat
-        x = x.to(a.dtype)
-        if a.shape[0] == 1:
-            delta = F.linear(F.linear(x, a[0]) * self.scaling, b[0])
-        else:
-            p = a.shape[0]
-            if x.shape[0] % p:
-                raise AdapterError(f"batch of {x.shape[0]} rows cannot be split among {p} candidates")
-            rows = x.reshape(p, -1, x.shape[-1])  # candidate-major: rows of candidate i are contiguous
-            h = torch.bmm(rows, a.transpose(1, 2)) * self.scaling
-            delta = torch.bmm(h, b.transpose(1, 2)).reshape(*x.shape[:-1], b.shape[1])
-        return y + delta.to(y.dtype)
+        # P candidates: the batch is candidate-major, the rows of candidate i contiguous.
+        return y + lora_forward(x.to(self.A_hat.dtype), self.A_hat, self.B_hat, self.scaling).to(y.dtype)
 
     def delta_weight(self) -> torch.Tensor:
         """s·B_hat·A_hat (d_out x d_in, fp32) for a single composition, as merge needs."""

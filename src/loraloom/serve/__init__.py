@@ -7,7 +7,7 @@ batched layers and the engine need nothing beyond the core library.
 
 from .cache import BASE, AdapterCache, UnknownAdapter
 from .engine import Engine, Request, SamplingParams, Scheduler
-from .multi import LoraWeights, MultiLora, MultiLoraLayer, lora_rows
+from .multi import LoraWeights, MultiLora, MultiLoraLayer
 
 __all__ = [
     "BASE",
@@ -20,5 +20,4 @@ __all__ = [
     "SamplingParams",
     "Scheduler",
     "UnknownAdapter",
-    "lora_rows",
 ]

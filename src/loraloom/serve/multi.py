@@ -23,11 +23,11 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from ..adapters.base import AdapterError, AdapterLayer, layer_dims
 from ..adapters.inject import install_layers, uninstall_layers
+from ..adapters.lora import lora_forward
 from ..hub.bank import ModuleBank
 
 
@@ -56,21 +56,6 @@ class LoraWeights:
         return sum(a.nbytes + b.nbytes for a, b, _ in self.layers.values())
 
 
-def lora_rows(x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
-    """``y`` + row b of ``x`` (rows x ... x d_in) through (A[b], B[b]): A rows x R x d_in, B rows x d_out x R.
-
-    Two batched matmuls whatever the number of distinct adapters (the rows' stacks are gathered once per
-    batch plan by ``MultiLora.set_rows``); ``y`` (rows x ... x d_out) is added by the second one.
-    """
-    rows = x.reshape(x.shape[0], -1, x.shape[-1])  # rows x T x d_in
-    h = torch.bmm(rows, A.transpose(1, 2))  # rows x T x R
-    if y is None:
-        out = torch.bmm(h, B.transpose(1, 2))
-    else:
-        out = torch.baddbmm(y.reshape(x.shape[0], -1, B.shape[1]), h, B.transpose(1, 2))
-    return out.reshape(*x.shape[:-1], B.shape[1])
-
-
 class MultiLoraLayer(AdapterLayer):
     """A base layer plus one LoRA adapter per batch row, from stacks that ``MultiLora.set_rows`` sets."""
 
@@ -85,14 +70,9 @@ class MultiLoraLayer(AdapterLayer):
         y = self.base_layer(x)
         if self.A is None:
             return y
-        xa = x.to(self.A.dtype)
-        if self.A.shape[0] == 1:  # one adapter for every row: two plain matmuls
-            return y + F.linear(F.linear(xa, self.A[0]), self.B[0]).to(y.dtype)
-        if x.shape[0] != self.A.shape[0]:
+        if self.A.shape[0] not in (1, x.shape[0]):  # one adapter for every row, or one per row
             raise AdapterError(f"batch of {x.shape[0]} rows but set_rows named {self.A.shape[0]} adapters")
-        if y.dtype == self.A.dtype:
-            return lora_rows(xa, self.A, self.B, y)
-        return y + lora_rows(xa, self.A, self.B).to(y.dtype)
+        return lora_forward(x.to(self.A.dtype), self.A, self.B, add_to=y)
 
     def delta_weight(self) -> torch.Tensor:
         raise AdapterError("a multi-adapter layer holds one adapter per row; there is no single delta to merge")
@@ -188,4 +168,4 @@ class MultiLora:
         return self.model
 
 
-__all__ = ["LoraWeights", "MultiLora", "MultiLoraLayer", "lora_rows"]
+__all__ = ["LoraWeights", "MultiLora", "MultiLoraLayer"]
