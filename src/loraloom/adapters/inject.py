@@ -91,8 +91,7 @@ def find_targets(
     for name, module in model.named_modules():
         if not name or not is_target(config, name):
             continue
-        if isinstance(module, AdapterLayer):
-            raise AdapterError(f"layer {name!r} already carries an adapter; merge_and_unload first")
+        free_layer(model, name)
         if not isinstance(module, layer_types):
             if isinstance(config.target_modules, str):
                 continue  # a regex may also match containers; PEFT skips those too
@@ -182,6 +181,14 @@ def set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
     setattr(model.get_submodule(parent_name) if parent_name else model, child, module)
 
 
+def free_layer(model: nn.Module, name: str) -> nn.Module:
+    """The base layer ``name`` of ``model``, refused if it already carries an adapter: the one such check."""
+    module = model.get_submodule(name)
+    if isinstance(module, AdapterLayer):
+        raise AdapterError(f"layer {name!r} already carries an adapter; merge_and_unload it first")
+    return module
+
+
 def install_layers(model: nn.Module, layers: dict[str, AdapterLayer]) -> None:
     """Swap each named base layer of ``model`` for its adapter layer (whose ``base_layer`` it must be).
 
@@ -189,10 +196,7 @@ def install_layers(model: nn.Module, layers: dict[str, AdapterLayer]) -> None:
     The one install path of loraloom: add_adapter, load_adapter and compositions use it.
     """
     for name, layer in layers.items():
-        current = model.get_submodule(name)
-        if isinstance(current, AdapterLayer):
-            raise AdapterError(f"layer {name!r} already carries an adapter; merge_and_unload it first")
-        if layer.base_layer is not current:
+        if layer.base_layer is not free_layer(model, name):
             raise AdapterError(f"layer {name!r}: the adapter layer was built for another module")
     for name, layer in layers.items():
         layer.train(layer.base_layer.training)  # new sub-modules (dropout) follow the model's train/eval mode

@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from ..adapters.base import AdapterError, AdapterLayer
-from ..adapters.inject import install_layers, uninstall_layers
+from ..adapters.inject import free_layer, install_layers, uninstall_layers
 from ..adapters.lora import lora_delta, lora_forward
 from .bank import ModuleBank, _weighted_sum
 
@@ -84,9 +84,7 @@ class Composition:
         self.group_names, self.group_of = bank.groups(layer_groups)  # group_of: one index per bank layer
         self.layers: dict[str, ComposedLoraLayer] = {}
         for name in bank.layers:
-            base = model.get_submodule(name)
-            if isinstance(base, AdapterLayer):  # before building on it; install_layers checks again
-                raise AdapterError(f"layer {name!r} already carries an adapter; merge_and_unload it first")
+            base = free_layer(model, name)  # before building on it
             device = base.weight.device
             self.layers[name] = ComposedLoraLayer(
                 base, bank.A[name].to(device), bank.B[name].to(device), bank.scaling[name]

@@ -26,7 +26,7 @@ import torch
 from torch import nn
 
 from ..adapters.base import AdapterError, AdapterLayer, layer_dims
-from ..adapters.inject import install_layers, uninstall_layers
+from ..adapters.inject import free_layer, install_layers, uninstall_layers
 from ..adapters.lora import lora_forward
 from ..hub.bank import ModuleBank
 
@@ -102,13 +102,11 @@ class MultiLora:
             layer = self.layers.get(name)
             if layer is None:
                 try:
-                    layer = self.model.get_submodule(name)
+                    layer = free_layer(self.model, name)
                 except AttributeError:
                     raise AdapterError(
                         f"adapter {adapter.name}: layer {name!r} does not exist in {type(self.model).__name__}"
                     ) from None
-                if isinstance(layer, AdapterLayer):
-                    raise AdapterError(f"layer {name!r} already carries an adapter; merge_and_unload it first")
             d_in, d_out = layer_dims(getattr(layer, "base_layer", layer))
             if a.shape[1] != d_in or b.shape[0] != d_out or a.shape[0] != b.shape[1]:
                 raise AdapterError(
