@@ -256,9 +256,9 @@ def worker_compat(work: Path, seed: int, budget: int) -> dict:
     phases: dict[str, float] = {}
     search = compat.nevergrad_search
 
-    def timed_search(objective, **kwargs):
+    def timed_search(objective, *args, **kwargs):
         t = time.perf_counter()
-        found = search(objective, **kwargs)
+        found = search(objective, *args, **kwargs)
         phases["adapt"] = time.perf_counter() - t
         phases["forward"] = objective.objective.seconds["forward"]
         phases["composition"] = objective.objective.seconds["composition"]

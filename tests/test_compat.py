@@ -17,7 +17,7 @@ from loraloom.compat import (
     reference_features,
     reference_normalise,
 )
-from loraloom.hub import Composition, Objective, compose, load_bank
+from loraloom.hub import Composition, Objective, load_bank, merge_composition
 
 INPUTS = [e["input"] for e in EXAMPLES]
 OUTPUTS = [e["target"] for e in EXAMPLES]
@@ -52,7 +52,7 @@ def test_learning_returns_weights_merged_model_and_tokenizer(saved_t5):
     assert type(model).__name__ == "T5ForConditionalGeneration"
     assert not any(type(m).__name__ == "ComposedLoraLayer" for m in model.modules())
     assert tok("ant").input_ids == tokenizer()("ant").input_ids
-    expected = compose(tiny_t5(), modules, weights.tolist())  # the same composition, merged
+    expected = merge_composition(tiny_t5(), modules, weights.tolist())  # the same composition, merged
     inputs = model_inputs("t5")
     assert torch.allclose(logits(model, inputs), logits(expected, inputs), atol=1e-5)
 

@@ -14,7 +14,15 @@ from tiny_models import logits, model_inputs, tiny_llama, tiny_t5
 import loraloom as ll
 from loraloom.adapters import load_adapter
 from loraloom.data import collate, load_examples
-from loraloom.hub import Composition, Objective, compose, encode_few_shot, layer_groups_of, load_bank, read_weights
+from loraloom.hub import (
+    Composition,
+    Objective,
+    encode_few_shot,
+    layer_groups_of,
+    load_bank,
+    merge_composition,
+    read_weights,
+)
 from loraloom.hub.result import read_layer_groups
 from loraloom.hub.select import select_random
 
@@ -96,7 +104,7 @@ def test_save_writes_adapter_weights_trace_and_plot(t5_setup, tmp_path):
     assert (out / "trace.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
     inputs = model_inputs("t5")
-    merged = compose(tiny_t5(), *read_weights(out))
+    merged = merge_composition(tiny_t5(), *read_weights(out))
     assert torch.allclose(
         logits(load_adapter(tiny_t5(), out / "adapter", verbose=False), inputs), logits(merged, inputs), atol=1e-5
     )
@@ -108,7 +116,7 @@ def test_save_writes_adapter_weights_trace_and_plot(t5_setup, tmp_path):
     with pytest.raises(ValueError, match="'modules' must list one module per weight"):
         read_weights(out)
     with pytest.raises(ValueError, match="expected 4 weights"):
-        compose(tiny_t5(), modules, [0.1, 0.2, 0.3])
+        merge_composition(tiny_t5(), modules, [0.1, 0.2, 0.3])
 
 
 def test_random_selection_from_a_pool(tmp_path):
@@ -232,13 +240,13 @@ def test_per_layer_group_weights_are_searched_saved_and_merged(t5_setup, tmp_pat
     )
     out = result.save(tmp_path / "out", plot=False)
     inputs = model_inputs("t5")
-    merged = compose(tiny_t5(), *read_weights(out), layer_groups=read_layer_groups(out))
+    merged = merge_composition(tiny_t5(), *read_weights(out), layer_groups=read_layer_groups(out))
     loaded = load_adapter(tiny_t5(), out / "adapter", verbose=False)
     assert torch.allclose(logits(loaded, inputs), logits(merged, inputs), atol=1e-5)
     assert torch.allclose(logits(result.merge(tiny_t5()), inputs), logits(merged, inputs), atol=1e-5)
     # the decoder's weights only reach decoder layers
     w = [0.0] * 4 + [0.7, -0.3, 0.2, 1.1]
-    enc_only = compose(tiny_t5(), modules, w, layer_groups="stack")
+    enc_only = merge_composition(tiny_t5(), modules, w, layer_groups="stack")
     base = tiny_t5()
     assert all(
         torch.equal(enc_only.get_submodule(n).weight, base.get_submodule(n).weight)

@@ -30,7 +30,7 @@ from .evaluate import generate
 from .hub.bank import load_bank
 from .hub.compose import Composition
 from .hub.objective import DEFAULT_ALPHA, Objective, Scores
-from .hub.search import DEFAULT_BOUNDS, nevergrad_search
+from .hub.search import SearchSettings, nevergrad_search
 from .models import load_base
 from .tasks import task_of
 
@@ -166,9 +166,8 @@ def lorahub_learning(
     with Composition(model, bank) as composition:
         objective = Objective(composition, features, pad_token_id=pad_token_id, kind="reference", batch_size=batch_size)
         scorer = _CustomScorer(objective, dataset, batch_size, get_loss, get_regular)
-        found = nevergrad_search(
-            scorer, optimizer="NGOpt", budget=max_inference_step, bounds=DEFAULT_BOUNDS, random_state=random_state
-        )
+        settings = SearchSettings(mode="nevergrad", optimizer="NGOpt", budget=max_inference_step, population=1)
+        found = nevergrad_search(scorer, settings, random_state=random_state)
         composition.merge(found.weights)
     return np.asarray(found.weights), model, tokenizer
 

@@ -8,7 +8,7 @@ from a pool.
 
 from .bank import ModuleBank, layer_groups_of, list_pool, load_bank
 from .compose import ComposedLoraLayer, Composition
-from .engine import compose, lorahub
+from .engine import lorahub, merge_composition
 from .objective import Objective, Scores, encode_few_shot
 from .result import LoraHubResult, read_weights
 from .search import (
@@ -41,7 +41,7 @@ __all__ = [
     "SearchResult",
     "SearchSettings",
     "Selection",
-    "compose",
+    "merge_composition",
     "encode_few_shot",
     "gradient_search",
     "hybrid_search",

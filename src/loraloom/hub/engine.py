@@ -100,15 +100,7 @@ def lorahub(
 
         # COMPOSE: install the composed layers; SEARCH: minimise the objective over w.
         with Composition(model, bank, search.layer_groups) as composition, clock.phase("search"):
-            objective = Objective(
-                composition,
-                features,
-                pad_token_id=pad_token_id,
-                kind=search.objective,
-                alpha=search.alpha,
-                batch_size=search.batch_size,
-                dtype=search.torch_dtype,
-            )
+            objective = Objective.from_settings(composition, features, pad_token_id, search)
             found = run_search(objective, search, progress=progress)
 
     # RESULT: the best evaluated weights, the trace, and where the time went.
@@ -156,7 +148,7 @@ def _select(modules, pool, num, select, search, model, features, pad_token_id, p
     return Selection("given", names, len(names))
 
 
-def compose(
+def merge_composition(
     base_model: nn.Module,
     modules: Sequence[str | os.PathLike] | ModuleBank,
     weights: Sequence[float],
@@ -168,4 +160,4 @@ def compose(
     return Composition(base_model, bank, layer_groups).merge(weights)
 
 
-__all__ = ["compose", "lorahub"]
+__all__ = ["lorahub", "merge_composition"]

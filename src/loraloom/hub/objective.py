@@ -128,6 +128,21 @@ def parameters_in(model: nn.Module, dtype: torch.dtype | None) -> Iterator[nn.Mo
 class Objective:
     """Few-shot loss + L1 penalty of the composition for weights w, for one or P candidates at once."""
 
+    @classmethod
+    def from_settings(
+        cls, composition: Composition, features: Sequence[dict[str, list[int]]], pad_token_id: int, settings: Any
+    ) -> Objective:
+        """The objective a ``SearchSettings`` asks for (its formula, penalty, batch size and dtype)."""
+        return cls(
+            composition,
+            features,
+            pad_token_id=pad_token_id,
+            kind=settings.objective,
+            alpha=settings.alpha,
+            batch_size=settings.batch_size,
+            dtype=settings.torch_dtype,
+        )
+
     def __init__(
         self,
         composition: Composition,

@@ -104,15 +104,6 @@ class _Tracer:
         return SearchResult(best.weights, best.objective, self.trace, method, time.perf_counter() - self.start)
 
 
-def check_search_args(budget: int, bounds: float, population: int = 1) -> None:
-    if not isinstance(budget, int) or budget < 1:
-        raise ValueError(f"budget must be a positive number of evaluations, got {budget!r}")
-    if not bounds > 0:
-        raise ValueError(f"bounds must be positive (weights lie in [-bounds, bounds]), got {bounds!r}")
-    if not isinstance(population, int) or population < 1:
-        raise ValueError(f"population must be a positive integer, got {population!r}")
-
-
 @dataclass(frozen=True)
 class SearchSettings:
     """How ``lorahub`` searches for w: checked once on creation, saved as is (``to_dict``) in weights.json."""
@@ -158,7 +149,12 @@ class SearchSettings:
             raise ValueError(f"mode must be one of {MODES}, got {self.mode!r}")
         if self.budget is None:
             object.__setattr__(self, "budget", DEFAULT_BUDGETS[self.mode])
-        check_search_args(self.budget, self.bounds, self.population)
+        if not isinstance(self.budget, int) or self.budget < 1:
+            raise ValueError(f"budget must be a positive number of evaluations, got {self.budget!r}")
+        if not self.bounds > 0:
+            raise ValueError(f"bounds must be positive (weights lie in [-bounds, bounds]), got {self.bounds!r}")
+        if not isinstance(self.population, int) or self.population < 1:
+            raise ValueError(f"population must be a positive integer, got {self.population!r}")
         if not isinstance(self.seed, int) or isinstance(self.seed, bool):
             raise ValueError(f"seed must be an integer, got {self.seed!r}")
         if not self.lr > 0:
@@ -215,39 +211,17 @@ def run_search(
     progress: bool = False,
 ) -> SearchResult:
     """Minimise ``objective`` as ``settings`` say: nevergrad, Adam, or nevergrad then Adam (hybrid)."""
-    s = settings
-    if s.mode == "gradient":
-        return gradient_search(objective, steps=s.budget, lr=s.lr, bounds=s.bounds, progress=progress)
+    if settings.mode == "gradient":
+        return gradient_search(objective, settings, progress=progress)
     start = time.perf_counter()
     import nevergrad  # noqa: F401  (deferred: slow to import, and gradient mode does without it)
 
     import_seconds = time.perf_counter() - start
-    if s.mode == "hybrid":
-        found = hybrid_search(objective, s, random_state=random_state, progress=progress)
+    if settings.mode == "hybrid":
+        found = hybrid_search(objective, settings, random_state=random_state, progress=progress)
     else:
-        found = _nevergrad_for(objective, s, s.budget, random_state, progress)
+        found = nevergrad_search(objective, settings, random_state=random_state, progress=progress)
     return dataclasses.replace(found, seconds=found.seconds + import_seconds, import_seconds=import_seconds)
-
-
-def _nevergrad_for(
-    objective: Objective,
-    s: SearchSettings,
-    budget: int,
-    random_state: np.random.RandomState | None,
-    progress: bool,
-) -> SearchResult:
-    """``nevergrad_search`` with ``s``'s options and ``budget`` evaluations."""
-    return nevergrad_search(
-        objective,
-        optimizer=s.optimizer,
-        budget=budget,
-        bounds=s.bounds,
-        population=s.population,
-        seed=s.seed,
-        random_state=random_state,
-        sigma=s.sigma,
-        progress=progress,
-    )
 
 
 def hybrid_search(
@@ -258,13 +232,13 @@ def hybrid_search(
     progress: bool = False,
 ) -> SearchResult:
     """Gradient-free for ``budget - gradient_steps`` evaluations, then Adam from the best w found."""
-    s = settings
-    first = _nevergrad_for(objective, s, s.budget - s.gradient_steps, random_state, progress)
+    first = nevergrad_search(
+        objective, settings, budget=settings.budget - settings.gradient_steps, random_state=random_state,
+        progress=progress,
+    )  # fmt: skip
     if not first.complete:  # cut short (an optimizer error, Ctrl-C): what it kept is the result
         return first
-    second = gradient_search(
-        objective, steps=s.gradient_steps, lr=s.lr, bounds=s.bounds, init=first.weights, progress=progress
-    )
+    second = gradient_search(objective, settings, steps=settings.gradient_steps, init=first.weights, progress=progress)
     trace = first.trace + [
         dataclasses.replace(e, index=len(first.trace) + e.index, elapsed=first.seconds + e.elapsed)
         for e in second.trace
@@ -283,7 +257,7 @@ def hybrid_search(
     )
 
 
-def make_optimizer(
+def nevergrad_optimizer(
     name: str,
     n: int,
     budget: int,
@@ -348,17 +322,14 @@ class OptimizerError(RuntimeError):
 
 def nevergrad_search(
     objective: Scorer,
+    settings: SearchSettings,
     *,
-    optimizer: str = DEFAULT_OPTIMIZER,
-    budget: int = DEFAULT_BUDGET,
-    bounds: float = DEFAULT_BOUNDS,
-    population: int = 1,
-    seed: int = 0,
+    budget: int | None = None,
     random_state: np.random.RandomState | None = None,
-    sigma: float | None = None,
     progress: bool = False,
 ) -> SearchResult:
-    """Minimise the objective with a nevergrad optimizer over ``budget`` evaluations, P at a time.
+    """Minimise the objective with ``settings``' nevergrad optimizer over ``budget`` evaluations (default: the
+    settings' budget), ``population`` at a time; ``random_state`` (default: from the settings' seed) seeds it.
 
     The search never loses its work: an exception inside the optimizer (ask or tell) or a
     KeyboardInterrupt ends it with the best evaluated weights so far, ``complete=False`` and a
@@ -371,10 +342,11 @@ def nevergrad_search(
 
     from .recast import recast_threads, stop_recast_threads
 
-    check_search_args(budget, bounds, population)
-    population = _population_for(optimizer, population)
+    budget = settings.budget if budget is None else budget  # hybrid's share, checked by its settings
+    optimizer, population = settings.optimizer, _population_for(settings.optimizer, settings.population)
     n = objective.n_weights
-    opt = make_optimizer(optimizer, n, budget, bounds, population, random_state or np.random.RandomState(seed), sigma)
+    random_state = random_state or np.random.RandomState(settings.seed)
+    opt = nevergrad_optimizer(optimizer, n, budget, settings.bounds, population, random_state, settings.sigma)
     if population > 1:
         # Parallel optimizers sample their first candidates around the init; score w = 0 itself too
         # (sequential NGOpt / Cobyla ask for it first anyway).
@@ -456,23 +428,23 @@ def _one_line(error: BaseException, limit: int = 200) -> str:
 
 def gradient_search(
     objective: Objective,
+    settings: SearchSettings,
     *,
-    steps: int = DEFAULT_BUDGET,
-    lr: float = DEFAULT_LR,
-    bounds: float = DEFAULT_BOUNDS,
+    steps: int | None = None,
     init: float | Sequence[float] | None = None,
     progress: bool = False,
 ) -> SearchResult:
-    """Adam on w (one forward + backward per step), clamped to [-bounds, bounds] after each step.
+    """Adam on w at ``settings.lr`` (one forward + backward per step) for ``steps`` (default: the settings'
+    budget), clamped to [-bounds, bounds] after each step.
 
     w starts at ``init``: a vector, or one value for every module (default 1/N), not 0: at w = 0 both
     A_hat and B_hat vanish and so does the gradient of B_hat·A_hat.
     """
-    check_search_args(steps, bounds)
+    steps, bounds = settings.budget if steps is None else steps, settings.bounds
     n = objective.n_weights
     start = torch.full((n,), 1.0 / n) if init is None else torch.as_tensor(init, dtype=torch.float32).expand(n)
     w = start.clone().reshape(1, n).requires_grad_(True)
-    adam = torch.optim.Adam([w], lr=lr)
+    adam = torch.optim.Adam([w], lr=settings.lr)
     tracer = _Tracer(objective, steps, progress, "lorahub Adam")
     stop: KeyboardInterrupt | None = None
     try:
@@ -543,10 +515,9 @@ __all__ = [
     "Scorer",
     "SearchResult",
     "SearchSettings",
-    "check_search_args",
     "gradient_search",
     "hybrid_search",
-    "make_optimizer",
+    "nevergrad_optimizer",
     "nevergrad_search",
     "run_search",
 ]
