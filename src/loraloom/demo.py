@@ -28,6 +28,7 @@ import time
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from transformers import T5ForConditionalGeneration
@@ -36,7 +37,7 @@ from .adapters import LoraConfig, load_adapter, merge_and_unload
 from .evaluate import evaluate, generate
 from .files import atomic_write
 from .seeds import parse_seeds
-from .train import save_full_model, train
+from .train import TrainArgs, save_full_model, train
 from .zoo.base import build_demo_t5, train_tokenizer
 
 # The toy language: a few short words. Tasks take sentences of 2 to 5 of them.
@@ -95,6 +96,21 @@ class DemoResult:
     out_dir: Path
 
 
+@torch.no_grad()
+def reload_and_merge(model, tokenizer, probe_examples, out: Path, progress: bool) -> tuple[Any, bool, float]:
+    """The saved adapter reloaded into a fresh copy of the saved base, then merged: (merged model, whether the
+    reloaded logits equal the trained model's, the merged model's largest logit difference)."""
+    probe = tokenizer([e["input"] for e in probe_examples], padding=True, return_tensors="pt")
+    targets = tokenizer([e["target"] for e in probe_examples], padding=True, return_tensors="pt")
+    probe["decoder_input_ids"] = targets["input_ids"]
+    expected = model(**probe).logits
+    fresh = T5ForConditionalGeneration.from_pretrained(out / "base").eval()
+    reloaded = load_adapter(fresh, out / "adapter", verbose=progress)
+    reload_identical = torch.equal(reloaded(**probe).logits, expected)
+    merged = merge_and_unload(reloaded)
+    return merged, reload_identical, (merged(**probe).logits - expected).abs().max().item()
+
+
 def run_lora_demo(
     out_dir: str | Path = LORA_DEMO_OUT,
     *,
@@ -122,17 +138,8 @@ def run_lora_demo(
     write_jsonl(out / "shift_test.jsonl", test)
     tokenizer = train_tokenizer([e["input"] for e in pretrain + lora_train])
     model = build_demo_t5(tokenizer, seed=seed)
-    train(
-        model,
-        tokenizer,
-        pretrain,
-        adapter="full",
-        max_steps=pretrain_steps,
-        batch_size=32,
-        lr=3e-3,
-        seed=seed,
-        progress=progress,
-    )
+    train(model, tokenizer, pretrain, "full", TrainArgs(max_steps=pretrain_steps, batch_size=32, lr=3e-3, seed=seed),
+          progress=progress)  # fmt: skip
     save_full_model(model, tokenizer, out / "base")
     base_scores = {
         task: evaluate(model, tokenizer, make_examples(task, n_test, seed + 1, words), progress=False).score
@@ -143,33 +150,13 @@ def run_lora_demo(
     say("== 2. teach it 'shift' with LoRA")
     before = base_scores["shift"]
     config = LoraConfig(r=8, lora_alpha=16, target_modules=["q", "k", "v", "o"])
-    result = train(
-        model,
-        tokenizer,
-        lora_train,
-        adapter=config,
-        max_steps=lora_steps,
-        batch_size=32,
-        lr=5e-3,
-        seed=seed,
-        output_dir=out / "adapter",
-        progress=progress,
-    )
+    args = TrainArgs(max_steps=lora_steps, batch_size=32, lr=5e-3, seed=seed)
+    result = train(model, tokenizer, lora_train, config, args, output_dir=out / "adapter", progress=progress)
     trained = evaluate(model, tokenizer, test, predictions_file=out / "predictions.jsonl", progress=False)
     say(f"   'shift' exact match: {before:.1%} before -> {trained.score:.1%} after ({result.seconds:.1f}s)")
 
     say("== 3. reload the saved adapter into a fresh base, then merge it")
-    probe = tokenizer([e["input"] for e in test[:32]], padding=True, return_tensors="pt")
-    probe["decoder_input_ids"] = tokenizer([e["target"] for e in test[:32]], padding=True, return_tensors="pt")[
-        "input_ids"
-    ]
-    with torch.no_grad():
-        expected = model(**probe).logits
-        fresh = T5ForConditionalGeneration.from_pretrained(out / "base").eval()
-        reloaded = load_adapter(fresh, out / "adapter", verbose=progress)
-        reload_identical = torch.equal(reloaded(**probe).logits, expected)
-        merged = merge_and_unload(reloaded)
-        merge_max_diff = (merged(**probe).logits - expected).abs().max().item()
+    merged, reload_identical, merge_max_diff = reload_and_merge(model, tokenizer, test[:32], out, progress)
     merged_score = evaluate(merged, tokenizer, test, progress=False).score
     say(
         f"   reloaded logits identical: {reload_identical}; merged: max |diff| {merge_max_diff:.2e}, "

@@ -79,20 +79,14 @@ def prepare_model(model: nn.Module, adapter: str | AdapterConfig | None, *, verb
 
 
 def encode(
-    tokenizer: Any,
-    examples: list[Example],
-    task: str,
-    *,
-    max_source_length: int,
-    max_target_length: int,
-    label2id: dict[str, int] | None = None,
+    tokenizer: Any, examples: list[Example], task: str, args: TrainArgs, label2id: dict[str, int] | None = None
 ) -> list[dict[str, Any]]:
     """Tokenise ``examples`` for ``task``; causal LMs get prompt + target within max_source + max_target."""
     if task == "seq2seq":
-        return encode_seq2seq(tokenizer, examples, max_source_length, max_target_length)
+        return encode_seq2seq(tokenizer, examples, args.max_source_length, args.max_target_length)
     if task == "causal":
-        return encode_causal(tokenizer, examples, max_source_length + max_target_length)
-    return encode_classification(tokenizer, examples, label2id or {}, max_source_length)
+        return encode_causal(tokenizer, examples, args.max_source_length + args.max_target_length)
+    return encode_classification(tokenizer, examples, label2id or {}, args.max_source_length)
 
 
 def lr_factor(step: int, total_steps: int, warmup_steps: int) -> float:
@@ -215,14 +209,7 @@ def train(
         label2id = resolve_label2id(model, examples + (eval_examples or []), label2id)
         model.config.label2id = label2id
         model.config.id2label = {i: label for label, i in label2id.items()}
-    features = encode(
-        tokenizer,
-        examples,
-        task,
-        max_source_length=args.max_source_length,
-        max_target_length=args.max_target_length,
-        label2id=label2id,
-    )
+    features = encode(tokenizer, examples, task, args, label2id)
 
     torch.manual_seed(args.seed)  # adapter init and dropout
     kind = prepare_model(model, adapter, verbose=progress)
@@ -233,29 +220,16 @@ def train(
         raise ValueError(f"nothing to train: epochs={args.epochs}, max_steps={args.max_steps}")
 
     def score() -> float:
+        generation = {"batch_size": args.eval_batch_size, "max_new_tokens": args.max_target_length}
         return evaluate(
-            model,
-            tokenizer,
-            eval_examples,
-            task=task,
-            batch_size=args.eval_batch_size,
-            max_new_tokens=args.max_target_length,
-            label2id=label2id,
-            progress=False,
+            model, tokenizer, eval_examples, task=task, label2id=label2id, progress=False, **generation
         ).score
 
+    scorer = score if eval_examples is not None else None
     losses, evals = run_steps(
-        model,
-        optimizer,
-        features,
-        pad_token_id_of(tokenizer),
-        task,
-        total_steps,
-        args,
-        score=score if eval_examples is not None else None,
-        desc=f"train {kind.lower()}",
-        progress=progress,
-    )
+        model, optimizer, features, pad_token_id_of(tokenizer), task, total_steps, args, score=scorer,
+        desc=f"train {kind.lower()}", progress=progress,
+    )  # fmt: skip
     model.eval()
 
     out = Path(output_dir) if output_dir is not None else None

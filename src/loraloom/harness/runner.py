@@ -76,13 +76,7 @@ def experiment(
         raise ValueError("no tasks given: pass tasks='bbh:DIR', 'bbh:download', 'jsonl:DIR' or a list of Task")
     methods = check_methods(methods)
     seeds = check_seeds(seeds)
-    task_list = load_tasks(tasks, task_filter)
-    for task in task_list:
-        if len(task.examples) < settings.shots + 1:
-            raise DataError(
-                f"task {task.name!r}{f' ({task.source})' if task.source else ''}: {len(task.examples)} examples, "
-                f"fewer than shots + 1 = {settings.shots + 1} (5 to learn from and at least one to test)"
-            )
+    task_list = check_tasks(load_tasks(tasks, task_filter), settings.shots)
     needs_pool = [m for m in methods if m in POOL_METHODS]
     if needs_pool and pool is None:
         raise ValueError(f"methods {needs_pool} need a module pool: pass pool=DIR (--pool)")
@@ -99,16 +93,8 @@ def experiment(
         jobs = lay_out_jobs(task_list, methods, seeds, settings, modules, store)
         statuses = store.statuses()
         pending = [j for j in jobs if statuses.get(j.key, ("", 0))[0] not in FINISHED]
-        store.set_latest(
-            [j.key for j in jobs],
-            {
-                "base": str(base),
-                "pool_size": len(modules),
-                "methods": methods,
-                "seeds": seeds,
-                "settings": settings.to_dict(),
-            },
-        )
+        run_info = {"base": str(base), "pool_size": len(modules), "methods": methods, "seeds": seeds}
+        store.set_latest([j.key for j in jobs], {**run_info, "settings": settings.to_dict()})
 
         with tqdm(
             total=len(jobs), initial=len(jobs) - len(pending), desc="experiment", unit="cell", disable=not progress
@@ -152,6 +138,17 @@ def lay_out_jobs(
                 for run in range(runs_of(method, settings)):
                     jobs.append(Job(task.name, method, seed, run, hashes[method], learn, test, settings, modules))
     return jobs
+
+
+def check_tasks(tasks: list[Task], shots: int) -> list[Task]:
+    """``tasks``, each with enough examples for ``shots`` to learn from and one to test."""
+    for task in tasks:
+        if len(task.examples) < shots + 1:
+            raise DataError(
+                f"task {task.name!r}{f' ({task.source})' if task.source else ''}: {len(task.examples)} examples, "
+                f"fewer than shots + 1 = {shots + 1} ({shots} to learn from and at least one to test)"
+            )
+    return tasks
 
 
 def check_methods(methods: Sequence[str] | str) -> list[str]:

@@ -72,11 +72,9 @@ def lorahub(
 
     Returns a ``LoraHubResult``: best weights and objective, the trace of every evaluation, the modules
     and how they were chosen, the settings and a time budget per phase; ``.save(dir)`` and ``.merge()``.
-    The base model is not modified.
-
-    A search cut short (the optimizer failed, or Ctrl-C) still returns: the best weights evaluated so
-    far, with ``complete=False``, ``interrupted`` and a one-line ``stopped`` (and a ``LoraHubWarning``).
-    Nothing evaluated yet: the error (or the KeyboardInterrupt) is raised.
+    The base model is not modified. A search cut short (the optimizer failed, or Ctrl-C) still returns the
+    best weights evaluated so far, with ``complete=False``, ``interrupted`` and a one-line ``stopped`` (and a
+    ``LoraHubWarning``); with nothing evaluated yet, the error (or the KeyboardInterrupt) is raised.
     """
     search = SearchSettings.from_options(settings, **options)
     if select not in METHODS:

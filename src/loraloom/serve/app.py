@@ -20,7 +20,6 @@ import time
 import uuid
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Literal
 
 from fastapi import FastAPI
@@ -32,8 +31,8 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..adapters.base import AdapterError
 from ..models import load_base
-from .cache import BASE, AdapterCache, UnknownAdapter
-from .engine import Engine, Request, SamplingParams, Scheduler
+from .cache import BASE, AdapterCache, UnknownAdapter, check_adapter_name, check_cache_options
+from .engine import Engine, Request, SamplingParams, Scheduler, check_max_batch
 from .multi import LoraWeights
 
 log = logging.getLogger("loraloom.serve")
@@ -59,9 +58,9 @@ class _Generation(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
     model: str
-    max_tokens: int | None = Field(None, ge=1)
-    temperature: float = Field(1.0, ge=0.0, le=2.0)
-    top_p: float = Field(1.0, gt=0.0, le=1.0)
+    max_tokens: int | None = None  # sampling values are checked once, by SamplingParams
+    temperature: float = 1.0
+    top_p: float = 1.0
     n: int = Field(1, ge=1, le=1)
     stream: bool = False
     stop: str | list[str] | None = None
@@ -102,9 +101,124 @@ class AdapterBody(BaseModel):
 # ---- the app -----------------------------------------------------------------------------------
 
 
+class _Service:
+    """What the routes share: the engine (the base model), its scheduler and the adapter cache."""
+
+    def __init__(self, engine: Engine, cache: AdapterCache) -> None:
+        self.engine, self.cache, self.scheduler = engine, cache, Scheduler(engine)
+
+    async def admit(self, body: _Generation, ids: list[int], default_max_tokens: int | None) -> Request:
+        self.scheduler.start()  # idempotent: for hosts that skip the lifespan events
+        adapter = await self.adapter_for(body)
+        max_tokens = body.max_tokens if body.max_tokens is not None else default_max_tokens
+        if max_tokens is None:  # chat: up to the end of the context
+            max_tokens = max(1, (self.engine.max_positions or len(ids) + 256) - len(ids))
+        try:
+            self.engine.check_length(len(ids), max_tokens)
+        except ValueError as e:
+            raise APIError(400, str(e), param="prompt", code="context_length_exceeded" if ids else None) from e
+        try:
+            stop = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
+            params = SamplingParams(
+                max_tokens=max_tokens, temperature=body.temperature, top_p=body.top_p, seed=body.seed, stop=stop
+            )
+        except ValueError as e:
+            raise APIError(400, str(e)) from e
+        return self.scheduler.submit(Request(ids, adapter, params))
+
+    async def adapter_for(self, body: _Generation) -> LoraWeights | None:
+        try:
+            if body.lorahub_weights is not None:
+                if body.model not in (BASE, "lorahub"):
+                    raise APIError(
+                        400,
+                        f"lorahub_weights composes modules over the base model: set model to 'base', not {body.model!r}",
+                        param="model",
+                    )
+                known = set(self.cache.names())
+                unknown = sorted(set(body.lorahub_weights) - known)
+                if unknown:
+                    raise APIError(
+                        400,
+                        f"lorahub_weights: module(s) {', '.join(map(repr, unknown))} not in the bank "
+                        f"(modules: {', '.join(sorted(known)) or 'none'})",
+                        param="lorahub_weights",
+                    )
+                return await asyncio.to_thread(self.cache.compose, body.lorahub_weights)
+            if body.model == BASE:
+                return None
+            return await asyncio.to_thread(self.cache.get, body.model)
+        except UnknownAdapter as e:
+            raise APIError(404, f"the model {body.model!r} does not exist: {e}", param="model",
+                           code="model_not_found") from e  # fmt: skip
+        except AdapterError as e:
+            log.warning("adapter failed to load: %s", e)
+            if body.lorahub_weights is not None:
+                raise APIError(400, f"lorahub_weights: {e}", param="lorahub_weights") from e
+            raise APIError(500, f"adapter {body.model!r} failed to load: {e}", type="server_error") from e
+        except ValueError as e:
+            raise APIError(400, str(e), param="lorahub_weights") from e
+
+    async def respond(self, request: Request, body: _Generation, http: HTTPRequest, chat: bool):
+        rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24]
+        now = int(time.time())
+        if body.stream:
+            return StreamingResponse(self.events(request, body, rid, now, chat), media_type="text/event-stream")
+        done = asyncio.ensure_future(self.scheduler.complete(request))
+        try:
+            while not (await asyncio.wait({done}, timeout=DISCONNECT_POLL))[0]:
+                if await http.is_disconnected():  # the client went away: free its row at the next step
+                    done.cancel()
+                    return JSONResponse({}, status_code=499)
+        finally:
+            done.cancel()  # no-op once finished; cancels the request if this handler itself is cancelled
+        if request.finish_reason == "error":
+            raise APIError(500, request.error or "generation failed", type="server_error")
+        usage = _usage(request)
+        if chat:
+            choice = {
+                "index": 0,
+                "message": {"role": "assistant", "content": request.text},
+                "finish_reason": request.finish_reason,
+                "logprobs": None,
+            }
+            return {"id": rid, "object": "chat.completion", "created": now, "model": body.model,
+                    "choices": [choice], "usage": usage}  # fmt: skip
+        choice = {"index": 0, "text": request.text, "finish_reason": request.finish_reason, "logprobs": None}
+        return {"id": rid, "object": "text_completion", "created": now, "model": body.model,
+                "choices": [choice], "usage": usage}  # fmt: skip
+
+    async def events(self, request: Request, body: _Generation, rid: str, now: int, chat: bool):
+        obj = "chat.completion.chunk" if chat else "text_completion"
+
+        def chunk(text: str | None, finish: str | None, first: bool = False) -> str:
+            if chat:
+                delta = ({"role": "assistant"} if first else {}) | ({"content": text} if text is not None else {})
+                choice = {"index": 0, "delta": delta, "finish_reason": finish, "logprobs": None}
+            else:
+                choice = {"index": 0, "text": text or "", "finish_reason": finish, "logprobs": None}
+            data = {"id": rid, "object": obj, "created": now, "model": body.model, "choices": [choice]}
+            return f"data: {json.dumps(data)}\n\n"
+
+        try:
+            if chat:
+                yield chunk("", None, first=True)
+            async for text in self.scheduler.stream(request):
+                yield chunk(text, None)
+            if request.finish_reason == "error":
+                error = {"message": request.error, "type": "server_error", "param": None, "code": None}
+                yield f"data: {json.dumps({'error': error})}\n\n"
+            else:
+                yield chunk(None if chat else "", request.finish_reason)
+            yield "data: [DONE]\n\n"
+        finally:  # the client went away (or the stream ended): free the row
+            self.scheduler.cancel(request)
+
+
 def create_app(engine: Engine, cache: AdapterCache) -> FastAPI:
     """The FastAPI app serving ``engine`` (the base model) with the adapters of ``cache``."""
-    scheduler = Scheduler(engine)
+    service = _Service(engine, cache)
+    scheduler = service.scheduler
     created = int(time.time())
 
     @asynccontextmanager
@@ -162,8 +276,8 @@ def create_app(engine: Engine, cache: AdapterCache) -> FastAPI:
         if len(prompts) != 1:
             raise APIError(400, "prompt: give one prompt per request (a string)", param="prompt")
         ids = engine.tokenizer(prompts[0])["input_ids"]
-        request = await _admit(body, ids, default_max_tokens=16)
-        return await _respond(request, body, http, chat=False)
+        request = await service.admit(body, ids, default_max_tokens=16)
+        return await service.respond(request, body, http, chat=False)
 
     @app.post("/v1/chat/completions")
     async def chat_completions(body: ChatBody, http: HTTPRequest):
@@ -176,117 +290,8 @@ def create_app(engine: Engine, cache: AdapterCache) -> FastAPI:
         except Exception as e:  # a template may reject a conversation (e.g. roles out of order)
             raise APIError(400, f"messages: the chat template rejected them: {e}", param="messages") from e
         ids = tokenizer(text, add_special_tokens=False)["input_ids"]
-        request = await _admit(body, ids, default_max_tokens=None)
-        return await _respond(request, body, http, chat=True)
-
-    async def _admit(body: _Generation, ids: list[int], default_max_tokens: int | None) -> Request:
-        scheduler.start()  # idempotent: for hosts that skip the lifespan events
-        adapter = await _adapter(body)
-        max_tokens = body.max_tokens or default_max_tokens
-        if max_tokens is None:  # chat: up to the end of the context
-            max_tokens = max(1, (engine.max_positions or len(ids) + 256) - len(ids))
-        if not ids:
-            raise APIError(400, "the prompt is empty (no tokens)", param="prompt")
-        try:
-            engine.check_length(len(ids), max_tokens)
-        except ValueError as e:
-            raise APIError(400, str(e), param="prompt", code="context_length_exceeded") from e
-        try:
-            stop = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
-            params = SamplingParams(
-                max_tokens=max_tokens, temperature=body.temperature, top_p=body.top_p, seed=body.seed, stop=stop
-            )
-        except ValueError as e:
-            raise APIError(400, str(e)) from e
-        return scheduler.submit(Request(ids, adapter, params))
-
-    async def _adapter(body: _Generation) -> LoraWeights | None:
-        try:
-            if body.lorahub_weights is not None:
-                if body.model not in (BASE, "lorahub"):
-                    raise APIError(
-                        400,
-                        f"lorahub_weights composes modules over the base model: set model to 'base', not {body.model!r}",
-                        param="model",
-                    )
-                known = set(cache.names())
-                unknown = sorted(set(body.lorahub_weights) - known)
-                if unknown:
-                    raise APIError(
-                        400,
-                        f"lorahub_weights: module(s) {', '.join(map(repr, unknown))} not in the bank "
-                        f"(modules: {', '.join(sorted(known)) or 'none'})",
-                        param="lorahub_weights",
-                    )
-                return await asyncio.to_thread(cache.compose, body.lorahub_weights)
-            if body.model == BASE:
-                return None
-            return await asyncio.to_thread(cache.get, body.model)
-        except UnknownAdapter as e:
-            raise APIError(404, f"the model {body.model!r} does not exist: {e}", param="model",
-                           code="model_not_found") from e  # fmt: skip
-        except AdapterError as e:
-            log.warning("adapter failed to load: %s", e)
-            if body.lorahub_weights is not None:
-                raise APIError(400, f"lorahub_weights: {e}", param="lorahub_weights") from e
-            raise APIError(500, f"adapter {body.model!r} failed to load: {e}", type="server_error") from e
-        except ValueError as e:
-            raise APIError(400, str(e), param="lorahub_weights") from e
-
-    async def _respond(request: Request, body: _Generation, http: HTTPRequest, chat: bool):
-        rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24]
-        now = int(time.time())
-        if body.stream:
-            return StreamingResponse(_events(request, body, rid, now, chat), media_type="text/event-stream")
-        done = asyncio.ensure_future(scheduler.complete(request))
-        try:
-            while not (await asyncio.wait({done}, timeout=DISCONNECT_POLL))[0]:
-                if await http.is_disconnected():  # the client went away: free its row at the next step
-                    done.cancel()
-                    return JSONResponse({}, status_code=499)
-        finally:
-            done.cancel()  # no-op once finished; cancels the request if this handler itself is cancelled
-        if request.finish_reason == "error":
-            raise APIError(500, request.error or "generation failed", type="server_error")
-        usage = _usage(request)
-        if chat:
-            choice = {
-                "index": 0,
-                "message": {"role": "assistant", "content": request.text},
-                "finish_reason": request.finish_reason,
-                "logprobs": None,
-            }
-            return {"id": rid, "object": "chat.completion", "created": now, "model": body.model,
-                    "choices": [choice], "usage": usage}  # fmt: skip
-        choice = {"index": 0, "text": request.text, "finish_reason": request.finish_reason, "logprobs": None}
-        return {"id": rid, "object": "text_completion", "created": now, "model": body.model,
-                "choices": [choice], "usage": usage}  # fmt: skip
-
-    async def _events(request: Request, body: _Generation, rid: str, now: int, chat: bool):
-        obj = "chat.completion.chunk" if chat else "text_completion"
-
-        def chunk(text: str | None, finish: str | None, first: bool = False) -> str:
-            if chat:
-                delta = ({"role": "assistant"} if first else {}) | ({"content": text} if text is not None else {})
-                choice = {"index": 0, "delta": delta, "finish_reason": finish, "logprobs": None}
-            else:
-                choice = {"index": 0, "text": text or "", "finish_reason": finish, "logprobs": None}
-            data = {"id": rid, "object": obj, "created": now, "model": body.model, "choices": [choice]}
-            return f"data: {json.dumps(data)}\n\n"
-
-        try:
-            if chat:
-                yield chunk("", None, first=True)
-            async for text in scheduler.stream(request):
-                yield chunk(text, None)
-            if request.finish_reason == "error":
-                error = {"message": request.error, "type": "server_error", "param": None, "code": None}
-                yield f"data: {json.dumps({'error': error})}\n\n"
-            else:
-                yield chunk(None if chat else "", request.finish_reason)
-            yield "data: [DONE]\n\n"
-        finally:  # the client went away (or the stream ended): free the row
-            scheduler.cancel(request)
+        request = await service.admit(body, ids, default_max_tokens=None)
+        return await service.respond(request, body, http, chat=True)
 
     return app
 
@@ -327,19 +332,15 @@ class ServeOptions:
     """0: one process. N >= 1: N replicas behind one endpoint with Ray Serve."""
 
     def __post_init__(self) -> None:
-        if self.adapters is not None and not Path(self.adapters).is_dir():
-            raise ValueError(f"--adapters {self.adapters}: not a directory")
+        # Each component's own check, run here before the model loads.
+        check_cache_options(self.adapters, self.cache_mib)
+        check_max_batch(self.max_batch)
+        for name in self.named:
+            check_adapter_name(name)
         if not 0 <= self.port < 65536:
             raise ValueError(f"--port must be in 0..65535, got {self.port}")
-        if self.max_batch < 1:
-            raise ValueError(f"--max-batch must be >= 1, got {self.max_batch}")
-        if self.cache_mib <= 0:
-            raise ValueError(f"--cache-mib must be positive, got {self.cache_mib}")
         if self.ray_replicas < 0:
             raise ValueError(f"--ray-replicas must be >= 0, got {self.ray_replicas}")
-        for name in self.named:
-            if not name or name == BASE:
-                raise ValueError(f"--adapter {name}=...: a name must be non-empty and not {BASE!r}")
 
 
 def build_app(options: ServeOptions) -> FastAPI:

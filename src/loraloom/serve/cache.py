@@ -35,6 +35,20 @@ class UnknownAdapter(KeyError):
         return str(self.args[0])
 
 
+def check_cache_options(adapters_dir: str | os.PathLike | None, limit_mib: float) -> None:
+    """The one check of the cache's options (``AdapterCache`` and ``ServeOptions`` call it)."""
+    if not limit_mib > 0:
+        raise ValueError(f"the adapter cache limit must be positive MiB, got {limit_mib}")
+    if adapters_dir is not None and not Path(adapters_dir).is_dir():
+        raise AdapterError(f"adapters directory {adapters_dir}: not a directory")
+
+
+def check_adapter_name(name: str) -> None:
+    """A name a request can use: not empty and not the base model's."""
+    if not name or name == BASE:
+        raise ValueError(f"adapter name {name!r} is reserved or empty")
+
+
 class AdapterCache:
     """Bounded LRU of LoRA adapters by name (thread-safe: the server loads from worker threads)."""
 
@@ -45,11 +59,8 @@ class AdapterCache:
         limit_mib: float = 1024.0,
         dtype: torch.dtype = torch.float32,
     ) -> None:
-        if limit_mib <= 0:
-            raise ValueError(f"limit_mib must be positive, got {limit_mib}")
+        check_cache_options(adapters_dir, limit_mib)
         self.adapters_dir = Path(adapters_dir) if adapters_dir is not None else None
-        if self.adapters_dir is not None and not self.adapters_dir.is_dir():
-            raise AdapterError(f"adapters directory {self.adapters_dir}: not a directory")
         self.limit_bytes = int(limit_mib * 2**20)
         self.dtype = dtype
         self.sources: dict[str, str] = {}  # registered with add(): name -> folder or hub id
@@ -79,8 +90,7 @@ class AdapterCache:
 
     def add(self, name: str, source: str | os.PathLike, *, load: bool = True) -> None:
         """Register ``source`` (folder or hub id) as ``name``; by default load it now so errors show at once."""
-        if not name or name == BASE:
-            raise ValueError(f"adapter name {name!r} is reserved or empty")
+        check_adapter_name(name)
         with self._lock:
             old = self.sources.get(name)
             self.sources[name] = str(source)

@@ -102,14 +102,19 @@ def max_positions(model: nn.Module) -> int | None:
     return None
 
 
+def check_max_batch(max_batch: int) -> None:
+    """The one check of the batch limit (``Engine`` and ``ServeOptions`` call it)."""
+    if isinstance(max_batch, bool) or not isinstance(max_batch, int) or max_batch < 1:
+        raise ValueError(f"max_batch must be >= 1, got {max_batch}")
+
+
 class Engine:
     """The model, its multi-adapter layers and the running batch (call from one thread at a time)."""
 
     def __init__(self, model: nn.Module, tokenizer: Any, *, max_batch: int = 32) -> None:
         if getattr(model.config, "is_encoder_decoder", False):
             raise ValueError("serving runs causal LMs (decoder-only); got an encoder-decoder model")
-        if max_batch < 1:
-            raise ValueError(f"max_batch must be >= 1, got {max_batch}")
+        check_max_batch(max_batch)
         self.model = model.eval()
         self.tokenizer = tokenizer
         self.max_batch = max_batch
