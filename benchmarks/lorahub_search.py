@@ -110,7 +110,7 @@ def main() -> None:
             for seed in range(1, args.seeds + 1):
                 settings = SearchSettings(**{"budget": 40, **fields, "seed": seed})
                 if name == "reference":
-                    objective = Objective(composition, ref_features, pad_token_id=0, kind="reference")
+                    objective = Objective(composition, ref_features, pad_token_id=0, formula="reference")
                     random_state = np.random.RandomState(np.random.RandomState(seed).randint(2**32, dtype=np.uint32))
                 else:
                     objective = Objective(composition, features, pad_token_id=0, dtype=dtype)

@@ -332,7 +332,7 @@ def worker_rescore(work: Path, runs_file: Path) -> dict:
     with Composition(model, load_bank(modules, base_model=model)) as composition:
         mean = Objective(composition, encode_few_shot(model, tokenizer, load_examples(examples)), pad_token_id=0)
         ref_features = reference_features(model, tokenizer, inputs, targets)
-        reference = Objective(composition, ref_features, pad_token_id=0, kind="reference")
+        reference = Objective(composition, ref_features, pad_token_id=0, formula="reference")
         rows = torch.tensor(weights["rows"])
         out = {"mean": [], "reference": []}
         for start in range(0, len(rows), 8):

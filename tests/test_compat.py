@@ -73,7 +73,7 @@ def test_default_objective_is_the_references(saved_t5, batch_size):
     expected = reference_value(model, tok, modules, w, batch_size)
     with Composition(model, load_bank(modules)) as composition:
         features = reference_features(model, tok, INPUTS, OUTPUTS)
-        fast = Objective(composition, features, pad_token_id=0, kind="reference", batch_size=batch_size)
+        fast = Objective(composition, features, pad_token_id=0, formula="reference", batch_size=batch_size)
         assert fast(w).values.item() == pytest.approx(expected, abs=1e-5)
 
 

@@ -87,8 +87,8 @@ def test_gradient_mode_descends(t5_setup):
 
 def test_reference_objective_option(t5_setup):
     model, modules = t5_setup
-    result = ll.lorahub(model, modules, EXAMPLES, tokenizer=tokenizer(), budget=5, objective="reference")
-    expected = rescore(model, modules, result.weights, tokenizer(), kind="reference")
+    result = ll.lorahub(model, modules, EXAMPLES, tokenizer=tokenizer(), budget=5, formula="reference")
+    expected = rescore(model, modules, result.weights, tokenizer(), formula="reference")
     assert result.objective == pytest.approx(expected, abs=1e-6)
 
 

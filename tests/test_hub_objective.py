@@ -102,7 +102,7 @@ def test_mean_objective_is_the_models_loss_plus_l1(tmp_path, arch):
 def test_reference_objective_reproduces_its_formula(tmp_path, batch_size):
     """Σ_batches mean_token_loss(batch) / n_examples + 0.05·mean|w| (lorahub/algorithm.py)."""
     model, composition, features, _ = setup(tmp_path)
-    objective = Objective(composition, features, pad_token_id=0, kind="reference", batch_size=batch_size)
+    objective = Objective(composition, features, pad_token_id=0, formula="reference", batch_size=batch_size)
     scores = objective(W[:3])
     for i, w in enumerate(W[:3]):
         losses = hf_loss(model, composition, features, w, chunk=batch_size)
@@ -158,8 +158,8 @@ def test_bad_examples(tmp_path):
     _, composition, features, _ = setup(tmp_path / "a")
     with pytest.raises(ValueError, match="no target tokens"):
         Objective(composition, [{"input_ids": [5, 6, 1], "labels": [-100]}], pad_token_id=0)
-    with pytest.raises(ValueError, match="objective must be one of"):
-        Objective(composition, features, pad_token_id=0, kind="l2")
+    with pytest.raises(ValueError, match="formula must be one of"):
+        Objective(composition, features, pad_token_id=0, formula="l2")
 
 
 def test_too_long_examples_are_truncated_with_a_warning(tmp_path):

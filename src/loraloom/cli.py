@@ -25,7 +25,7 @@ from .demo import add_demo_arguments
 from .evaluate import evaluate
 from .harness import DEFAULT_METHODS, METHODS, ExperimentSettings, experiment, load_results, report
 from .hub import DEFAULT_MODE, DEFAULT_OPTIMIZER, DEFAULT_POPULATION, MODES, SearchSettings, list_pool, lorahub
-from .hub.objective import KINDS
+from .hub.objective import FORMULAS
 from .hub.search import DEFAULT_BUDGETS, OptimizerError
 from .hub.select import DEFAULT_NUM
 from .hub.select import METHODS as SELECT_METHODS
@@ -179,8 +179,8 @@ def add_compose(sub: Any) -> None:
     p.add_argument(
         "--population", type=int, default=DEFAULT_POPULATION, help="candidates a pass (default: %(default)s)"
     )
-    objective = default_of(SearchSettings, "objective")
-    p.add_argument("--objective", choices=KINDS, default=objective, help="default: %(default)s")
+    formula = default_of(SearchSettings, "formula")
+    p.add_argument("--formula", "--objective", choices=FORMULAS, default=formula, help="the loss (default: %(default)s)")
     p.add_argument(
         "--mode",
         choices=MODES,

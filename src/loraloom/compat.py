@@ -164,7 +164,7 @@ def lorahub_learning(
     # The reference seeds numpy's global generator, from which nevergrad then draws its own seed.
     random_state = np.random.RandomState(np.random.RandomState(seed).randint(2**32, dtype=np.uint32))
     with Composition(model, bank) as composition:
-        objective = Objective(composition, features, pad_token_id=pad_token_id, kind="reference", batch_size=batch_size)
+        objective = Objective(composition, features, pad_token_id=pad_token_id, formula="reference", batch_size=batch_size)
         scorer = _CustomScorer(objective, dataset, batch_size, get_loss, get_regular)
         settings = SearchSettings(mode="nevergrad", optimizer="NGOpt", budget=max_inference_step, population=1)
         found = nevergrad_search(scorer, settings, random_state=random_state)

@@ -1,6 +1,6 @@
 """LoraHub's objective, a pure function of the weights: few-shot cross-entropy + an L1 penalty.
 
-Two formulas (``kind``):
+Two formulas (``formula``):
 
 - ``"mean"`` (the default): the mean token cross-entropy over every target token of the few-shot
   examples (the loss of the examples as one batch) + ``alpha · mean|w|``, alpha = 0.05. Neither term
@@ -32,7 +32,7 @@ from ..data import IGNORE_INDEX, Example, collate, encode_causal, encode_seq2seq
 from ..tasks import task_of
 from .compose import Composition, as_population
 
-KINDS = ("mean", "reference")
+FORMULAS = ("mean", "reference")
 DEFAULT_ALPHA = 0.05
 # Sequence length when the model config states none (the reference's cap).
 FALLBACK_MAX_LENGTH = 2048
@@ -137,7 +137,7 @@ class Objective:
             composition,
             features,
             pad_token_id=pad_token_id,
-            kind=settings.objective,
+            formula=settings.formula,
             alpha=settings.alpha,
             batch_size=settings.batch_size,
             dtype=settings.torch_dtype,
@@ -149,14 +149,14 @@ class Objective:
         features: Sequence[dict[str, list[int]]],
         *,
         pad_token_id: int,
-        kind: str = "mean",
+        formula: str = "mean",
         alpha: float = DEFAULT_ALPHA,
         batch_size: int | None = None,
         dtype: torch.dtype | None = None,
         call_cost: float = CALL_COST_TOKENS,
     ) -> None:
-        if kind not in KINDS:
-            raise ValueError(f"objective must be one of {KINDS}, got {kind!r}")
+        if formula not in FORMULAS:
+            raise ValueError(f"formula must be one of {FORMULAS}, got {formula!r}")
         if not features:
             raise ValueError("no few-shot examples: LoraHub needs at least one (input, target) example")
         if batch_size is not None and batch_size < 1:
@@ -164,7 +164,7 @@ class Objective:
         self.composition = composition
         self.model = composition.model
         self.task = task_of(self.model)
-        self.kind, self.alpha, self.batch_size, self.dtype = kind, alpha, batch_size, dtype
+        self.formula, self.alpha, self.batch_size, self.dtype = formula, alpha, batch_size, dtype
         self.n_examples = len(features)
         if self.task == "causal":  # the first token has no prediction: never a target
             features = [{**f, "labels": [IGNORE_INDEX, *f["labels"][1:]]} for f in features]
@@ -261,7 +261,7 @@ class Objective:
 
     def scores(self, w: torch.Tensor, sums: torch.Tensor) -> Scores:
         """Objective from the P x n summed token losses; non-finite losses score +inf."""
-        if self.kind == "mean":
+        if self.formula == "mean":
             losses = sums.sum(1) / self.token_counts.sum()
         else:
             size = self.batch_size or self.n_examples
@@ -284,7 +284,7 @@ def _lengths(feature: dict[str, list[int]], task: str) -> tuple[int, ...]:
 
 __all__ = [
     "DEFAULT_ALPHA",
-    "KINDS",
+    "FORMULAS",
     "Objective",
     "Scores",
     "encode_few_shot",

@@ -27,7 +27,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .bank import check_layer_groups
-from .objective import DEFAULT_ALPHA, KINDS, Objective, Scores
+from .objective import DEFAULT_ALPHA, FORMULAS, Objective, Scores
 
 DEFAULT_OPTIMIZER = "NGOpt"
 DEFAULT_BUDGET = 40
@@ -131,8 +131,8 @@ class SearchSettings:
     """Hybrid mode: the Adam steps that end the budget."""
     sigma: float | None = None
     """The gradient-free optimizer's initial step size; nevergrad's default when None."""
-    objective: str = "mean"
-    """The formula: "mean" (mean token cross-entropy + alpha·mean|w|) or "reference" (the reference
+    formula: str = "mean"
+    """The objective's formula: "mean" (mean token cross-entropy + alpha·mean|w|) or "reference" (the reference
     package's: its loss term is divided by the number of examples and depends on ``batch_size``)."""
     alpha: float = DEFAULT_ALPHA
     """Weight of the L1 penalty alpha·mean|w|."""
@@ -167,8 +167,8 @@ class SearchSettings:
             raise ValueError(
                 f"gradient_steps must lie in 1..budget-1 = 1..{self.budget - 1} in hybrid mode, got {self.gradient_steps!r}"
             )
-        if self.objective not in KINDS:
-            raise ValueError(f"objective must be one of {KINDS}, got {self.objective!r}")
+        if self.formula not in FORMULAS:
+            raise ValueError(f"formula must be one of {FORMULAS}, got {self.formula!r}")
         if not self.alpha >= 0:
             raise ValueError(f"alpha must be >= 0, got {self.alpha!r}")
         if self.batch_size is not None and (not isinstance(self.batch_size, int) or self.batch_size < 1):
@@ -180,6 +180,9 @@ class SearchSettings:
     @classmethod
     def from_options(cls, settings: SearchSettings | None = None, **options: Any) -> SearchSettings:
         """``settings`` (default: the defaults) with ``options`` replaced; unknown names are a clear error."""
+        if "objective" in options:  # its name before "formula": "objective" is the value the search minimises
+            warnings.warn("the search option 'objective' is now 'formula'", DeprecationWarning, stacklevel=3)
+            options["formula"] = options.pop("objective")
         names = [f.name for f in dataclasses.fields(cls)]
         unknown = sorted(set(options) - set(names))
         if unknown:
