@@ -26,6 +26,7 @@ training forward+backward, and a 4-token no-grad forward, for base, LoRA and Fou
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import functools
 import time
 import zlib
@@ -74,6 +75,7 @@ class Settings:
     scaling: float = 150.0
     seed: int = 0
     threads: int | None = None
+    device: str = "cpu"
 
 
 def adapt(model: torch.nn.Module, peer: str, targets: list[str], s: Settings, task: str) -> torch.nn.Module:
@@ -107,7 +109,7 @@ def measure_training(peer: str, s: Settings) -> dict:
         torch.set_num_threads(s.threads)
     torch.manual_seed(s.seed)
     model = BertForSequenceClassification(BertConfig(num_labels=2))
-    model = adapt(model, peer, ["query", "value"], s, "SEQ_CLS").train()
+    model = adapt(model, peer, ["query", "value"], s, "SEQ_CLS").to(s.device).train()
     trainable = {n: p for n, p in model.named_parameters() if p.requires_grad}
     optimizer = torch.optim.AdamW(trainable.values(), lr=s.lr)
     g = torch.Generator().manual_seed(s.seed)
@@ -116,6 +118,7 @@ def measure_training(peer: str, s: Settings) -> dict:
         "attention_mask": torch.ones(s.batch, s.seq_len, dtype=torch.long),
         "labels": torch.randint(0, 2, (s.batch,), generator=g),
     }
+    batch = {k: v.to(s.device) for k, v in batch.items()}
     rss_built = peak_rss_mb()
     losses: list[float] = []
 
@@ -148,9 +151,9 @@ def measure_generation(peer: str, s: Settings) -> dict:
         torch.set_num_threads(s.threads)
     torch.manual_seed(s.seed)
     model = T5ForConditionalGeneration(flan_t5_small_config())
-    model = adapt(model, peer, ["q", "v"], s, "SEQ_2_SEQ_LM").eval()
+    model = adapt(model, peer, ["q", "v"], s, "SEQ_2_SEQ_LM").to(s.device).eval()
     g = torch.Generator().manual_seed(s.seed)
-    ids = torch.randint(2, 32000, (s.gen_batch, s.prompt_len), generator=g)
+    ids = torch.randint(2, 32000, (s.gen_batch, s.prompt_len), generator=g).to(s.device)
     rss_built = peak_rss_mb()
 
     @torch.no_grad()
@@ -162,6 +165,8 @@ def measure_generation(peer: str, s: Settings) -> dict:
             min_new_tokens=s.new_tokens,
             do_sample=False,
         )
+        if ids.is_cuda:  # the time of the work, not of queueing it
+            torch.cuda.synchronize()
 
     start = time.perf_counter()
     generate()  # the warm-up; loraloom builds W + ΔW here, once
@@ -265,10 +270,11 @@ def main() -> None:
     parser.add_argument("--threads", type=int, help="torch threads in each peer (default: torch's)")
     parser.add_argument("--only", choices=["train", "generate"], help="run one half only")
     parser.add_argument("--layers", action="store_true", help="per-shape timings of single layers, then exit")
+    parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or mps (default: %(default)s)")
     args = parser.parse_args()
-    s = Settings(threads=args.threads)
+    s = Settings(threads=args.threads, device=args.device)
     if args.quick:
-        s = Settings(batch=4, train_steps=2, train_warmup=1, new_tokens=16, gen_calls=2, threads=args.threads)
+        s = dataclasses.replace(s, batch=4, train_steps=2, train_warmup=1, new_tokens=16, gen_calls=2)
     rounds = args.rounds or (1 if args.quick else 3)
     if s.threads:
         torch.set_num_threads(s.threads)

@@ -46,6 +46,7 @@ class Settings:
     lr: float = 1e-4
     seed: int = 0
     threads: int | None = None
+    device: str = "cpu"
 
 
 def flan_t5_small_config() -> T5Config:
@@ -98,7 +99,8 @@ def train_step(
     bf16: bool,
     losses: list[float],
 ) -> None:
-    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+    device = next(model.parameters()).device
+    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
         loss = model(**batch).loss
     loss.backward()
     if optimizer is not None:
@@ -112,10 +114,10 @@ def measure(peer: str, s: Settings) -> dict:
     warnings.filterwarnings("ignore", category=FutureWarning)  # transformers deprecations hit inside peft
     if s.threads:
         torch.set_num_threads(s.threads)
-    model = build(peer, s).train()
+    model = build(peer, s).to(s.device).train()
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=s.lr) if trainable else None
-    batch = make_batch(s)
+    batch = {k: v.to(s.device) for k, v in make_batch(s).items()}
     rss_built = peak_rss_mb()
     torch.manual_seed(s.seed + 1)  # same dropout masks for every peer, whatever its init drew
     losses: list[float] = []
@@ -141,14 +143,17 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, help="rounds of all peers (default 3)")
     parser.add_argument("--tgt-len", type=int, default=16, help="label length (default 16)")
     parser.add_argument("--threads", type=int, help="torch threads in each peer (default: torch's)")
+    parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or mps (default: %(default)s)")
     args = parser.parse_args()
     steps, warmup, rounds = (5, 2, 1) if args.quick else (20, 3, 3)
-    s = Settings(steps=args.steps or steps, warmup=warmup, tgt_len=args.tgt_len, threads=args.threads)
+    s = Settings(
+        steps=args.steps or steps, warmup=warmup, tgt_len=args.tgt_len, threads=args.threads, device=args.device
+    )
     rounds = args.rounds or rounds
     print(
         f"T5 (FLAN-T5-small shapes, random weights), batch {s.batch}x{s.src_len} -> labels {s.batch}x{s.tgt_len}, "
         f"LoRA r={s.r} alpha={s.lora_alpha} on q,v, AdamW lr={s.lr}; {s.steps} timed steps after {s.warmup} "
-        f"warm-up, {rounds} round(s), torch {torch.__version__}, peft {peft.__version__}"
+        f"warm-up, {rounds} round(s), torch {torch.__version__}, peft {peft.__version__}, on {s.device}"
     )
 
     runs = interleave({peer: functools.partial(run_isolated, measure, peer, s) for peer in PEERS}, rounds)

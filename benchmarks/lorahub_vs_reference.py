@@ -210,7 +210,7 @@ LORALOOM_OPTIONS = {
 }
 
 
-def worker_loraloom(work: Path, seed: int, budget: int, variant: str) -> dict:
+def worker_loraloom(work: Path, seed: int, budget: int, variant: str, device: str = "cpu") -> dict:
     """``ll.lorahub`` as a user calls it (default settings, or a variant's options), then merged."""
     start = time.perf_counter()
     import loraloom as ll
@@ -220,7 +220,7 @@ def worker_loraloom(work: Path, seed: int, budget: int, variant: str) -> dict:
     options = dict(LORALOOM_OPTIONS[variant])
     if "budget" in options:
         options["budget"] = budget  # K evaluations, as the reference gets
-    result = ll.lorahub(base, modules, examples, seed=seed, **options)
+    result = ll.lorahub(base, modules, examples, seed=seed, device=device, **options)
     merged = result.merge()
     end = time.perf_counter()
     done_at = time.time()
@@ -306,11 +306,15 @@ def bare_forward(model, tokenizer, examples: list[dict[str, str]], reps: int = 3
     labels = tokenizer([e["target"] for e in examples], padding=True, return_tensors="pt")["input_ids"]
     labels[labels == tokenizer.pad_token_id] = -100
     model = model.float().eval()
+    device = next(model.parameters()).device
+    batch, labels = {k: v.to(device) for k, v in batch.items()}, labels.to(device)
     times = []
     with torch.no_grad():
         for i in range(reps + 1):  # one warm-up pass
             t = time.perf_counter()
             model(**batch, labels=labels)
+            if device.type == "cuda":  # the time of the work, not of queueing it
+                torch.cuda.synchronize()
             if i:
                 times.append(time.perf_counter() - t)
     return statistics.median(times)
@@ -348,7 +352,7 @@ def run_worker(args: argparse.Namespace) -> None:
     elif args.worker == "compat":
         out = worker_compat(work, args.seed, args.budget)
     elif args.worker.startswith("loraloom"):
-        out = worker_loraloom(work, args.seed, args.budget, args.worker)
+        out = worker_loraloom(work, args.seed, args.budget, args.worker, args.device)
     else:
         out = worker_rescore(work, Path(args.runs))
     print("RESULT " + json.dumps(out), flush=True)
@@ -360,7 +364,9 @@ def run_worker(args: argparse.Namespace) -> None:
 def spawn(python: str, worker: str, args: argparse.Namespace, **extra) -> dict:
     """Run a worker in a fresh process: its JSON result, process wall time and peak RSS (MiB)."""
     cmd = [python, str(Path(__file__).resolve()), "--worker", worker, "--work", str(args.work)]
-    cmd += ["--budget", str(args.budget)] + [x for k, v in extra.items() for x in (f"--{k}", str(v))]
+    cmd += ["--budget", str(args.budget), "--device", args.device] + [
+        x for k, v in extra.items() for x in (f"--{k}", str(v))
+    ]
     env = {**os.environ, "TOKENIZERS_PARALLELISM": "false", "PYTHONWARNINGS": "ignore"}
     with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
         start = time.time()
@@ -480,6 +486,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--budget", type=int, default=40)
     parser.add_argument("--work", default=str(Path(tempfile.gettempdir()) / "loraloom-lorahub-bench"))
     parser.add_argument("--ref-venv", default=str(HERE / ".ref-venv"))
+    parser.add_argument("--device", default="cpu", help="where loraloom's variants run: cpu, cuda, cuda:N, mps")
     parser.add_argument(
         "--variants", default=",".join(VARIANTS), help="comma-separated subset of " + ",".join(VARIANTS)
     )

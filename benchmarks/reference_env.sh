@@ -16,9 +16,14 @@ python="${PYTHON:-python3.11}"
 echo '*' > "$venv/.gitignore"  # the venv ignores itself (as Python >= 3.13 venvs do)
 pip="$venv/bin/pip"
 "$pip" install --quiet --upgrade pip
-# The CPU build of torch (a local wheel here; PyTorch's CPU index elsewhere).
-"$pip" install --quiet "torch==2.13.0+cpu" ||
-    "$pip" install --quiet "torch==2.13.0" --index-url https://download.pytorch.org/whl/cpu
+# The CPU build of torch (a local wheel here; PyTorch's CPU index elsewhere); on a GPU machine set
+# REF_TORCH_INDEX (e.g. https://download.pytorch.org/whl/cu124) so that the reference runs on the GPU too.
+if [ -n "${REF_TORCH_INDEX:-}" ]; then
+    "$pip" install --quiet "torch==2.13.0" --index-url "$REF_TORCH_INDEX"
+else
+    "$pip" install --quiet "torch==2.13.0+cpu" ||
+        "$pip" install --quiet "torch==2.13.0" --index-url https://download.pytorch.org/whl/cpu
+fi
 "$pip" install --quiet "transformers==5.23.0" "peft==0.21.2" "nevergrad==1.0.12" \
     "safetensors" "tokenizers" "datasets" "pandas" "psutil"
 "$pip" install --quiet --no-deps "lorahub==0.1.0"

@@ -96,7 +96,7 @@ def write_adapters(model: LlamaForCausalLM, root: Path, n: int) -> list[Path]:
 class Peer:
     """One model (base, peft or loraloom) with a prefill call and a decode call for a given adapter mix."""
 
-    def __init__(self, kind: str, config: LlamaConfig, paths: list[Path]) -> None:
+    def __init__(self, kind: str, config: LlamaConfig, paths: list[Path], device: str = "cpu") -> None:
         self.kind = kind
         model = build_model(config)
         if kind == "peft":
@@ -107,17 +107,18 @@ class Peer:
         elif kind == "loraloom":
             cache = AdapterCache(paths[0].parent, limit_mib=4096)
             self.adapters = [cache.get(p.name) for p in paths]
-            self.multi = MultiLora(model)
-        self.model = model
+            self.multi = MultiLora(model.to(device))
+        self.model = model.to(device)
+        self.device = device
 
     def set_mix(self, n_adapters: int, ids: torch.Tensor) -> None:
         self.rows = [i % n_adapters for i in range(BATCH)]
-        self.ids = ids
+        self.ids = ids = ids.to(self.device)
         self.mask = torch.ones_like(ids)
         with torch.no_grad():
             self.cache = self._forward(ids, self.mask, DynamicCache(), plan=True)[1]
         self.next_ids = ids[:, -1:]
-        self.decode_mask = torch.ones(BATCH, PROMPT_LEN + 1, dtype=torch.long)
+        self.decode_mask = torch.ones(BATCH, PROMPT_LEN + 1, dtype=torch.long, device=self.device)
 
     def _forward(self, ids, mask, cache, plan: bool):
         kwargs = {}
@@ -153,6 +154,8 @@ def cpu_and_wall(fn, steps: int) -> tuple[float, float]:
     for _ in range(steps):
         c, w = time.process_time(), time.perf_counter()
         fn()
+        if torch.cuda.is_available():  # the time of the work, not of queueing it
+            torch.cuda.synchronize()
         cpu.append(time.process_time() - c)
         wall.append(time.perf_counter() - w)
     return median(cpu), median(wall)
@@ -163,7 +166,7 @@ def bench_forward(args: argparse.Namespace) -> list[str]:
     lines = []
     with tempfile.TemporaryDirectory() as tmp:
         paths = write_adapters(build_model(config), Path(tmp), max(args.adapters))
-        peers = {kind: Peer(kind, config, paths) for kind in ("base", "peft", "loraloom")}
+        peers = {kind: Peer(kind, config, paths, args.device) for kind in ("base", "peft", "loraloom")}
         ids = torch.randint(3, config.vocab_size, (BATCH, PROMPT_LEN), generator=torch.Generator().manual_seed(2))
         print(f"model: Llama layout, hidden {args.hidden}, {args.layers} layers, vocab {args.vocab}; LoRA r={RANK} "
               f"on {','.join(TARGETS)}; batch {BATCH}; prefill {BATCH}x{PROMPT_LEN}, decode 1 token after {PROMPT_LEN}; "
@@ -249,7 +252,7 @@ def bench_server(args: argparse.Namespace) -> list[str]:
         port = free_port()
         env = dict(os.environ, OMP_NUM_THREADS=str(args.threads), PYTHONUNBUFFERED="1")
         cmd = [sys.executable, "-m", "loraloom", "serve", "--base", str(root / "base"), "--adapters",
-               str(root / "adapters"), "--port", str(port), "--max-batch", "32"]  # fmt: skip
+               str(root / "adapters"), "--port", str(port), "--max-batch", "32", "--device", args.device]  # fmt: skip
         server = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         url = f"http://127.0.0.1:{port}"
         try:
@@ -296,6 +299,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1, help="torch threads (default: %(default)s)")
     parser.add_argument("--only", choices=["forward", "server"])
     parser.add_argument("--hidden", type=int, default=512)
+    parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or mps (default: %(default)s)")
     parser.add_argument("--layers", type=int, default=4)
     parser.add_argument(
         "--vocab", type=int, default=2000, help="small, so the LM head weighs about as little as in a 7B model"

@@ -22,6 +22,7 @@ from .adapters.inspect import describe, inspect_folder
 from .adapters.registry import cli_option_fields, config_from_options
 from .data import load_examples
 from .demo import add_demo_arguments
+from .devices import add_device_arguments, resolve_device, resolve_dtype
 from .evaluate import evaluate
 from .harness import DEFAULT_METHODS, METHODS, ExperimentSettings, experiment, load_results, report
 from .hub import DEFAULT_MODE, DEFAULT_OPTIMIZER, DEFAULT_POPULATION, MODES, SearchSettings, list_pool, lorahub
@@ -38,6 +39,9 @@ from .train import FULL, FULL_LR, TrainArgs, save_full_model, train
 BASE_OPTIONS = argparse.ArgumentParser(add_help=False)
 BASE_OPTIONS.add_argument("--base", required=True, help="base model: a local folder or a hub id")
 BASE_OPTIONS.add_argument("--task", choices=TASKS, help="default: from the adapter's task_type or the model's config")
+PLACE_OPTIONS = add_device_arguments(argparse.ArgumentParser(add_help=False))  # every command that loads a model
+DEVICE_OPTIONS = argparse.ArgumentParser(add_help=False, parents=[PLACE_OPTIONS])
+DEVICE_OPTIONS.add_argument("--device-map", choices=["auto"], help="spread a large base over every device")
 FIELD_OPTIONS = argparse.ArgumentParser(add_help=False)
 FIELD_OPTIONS.add_argument("--input-field", default="input", help="default: %(default)s")
 FIELD_OPTIONS.add_argument("--target-field", default="target", help="default: %(default)s")
@@ -48,9 +52,16 @@ def default_of(cls: type, name: str) -> Any:
     return next(f.default for f in dataclasses.fields(cls) if f.name == name)
 
 
+def placement(args: argparse.Namespace) -> dict[str, Any]:
+    """``load_base``'s device, dtype and device_map from the options, checked before anything loads."""
+    resolve_dtype(args.dtype, resolve_device(args.device))  # a missing device or a bad dtype: one line, exit 2
+    return {"device": args.device, "dtype": args.dtype, "device_map": args.device_map}
+
+
 def options_of(cls: type, args: argparse.Namespace, **more: Any) -> Any:
     """An options dataclass (TrainArgs, SearchSettings, ServeOptions) from the parsed options of the same names."""
-    return cls(**{f.name: getattr(args, f.name) for f in dataclasses.fields(cls) if hasattr(args, f.name)}, **more)
+    given = {f.name: getattr(args, f.name) for f in dataclasses.fields(cls) if hasattr(args, f.name)}
+    return cls(**{**given, **more})
 
 
 def adapter_from_args(args: argparse.Namespace) -> AdapterConfig | str:
@@ -66,7 +77,9 @@ def adapter_from_args(args: argparse.Namespace) -> AdapterConfig | str:
 
 
 def add_train(sub: Any) -> None:
-    p = sub.add_parser("train", parents=[BASE_OPTIONS, FIELD_OPTIONS], help="train an adapter (or the full model)")
+    p = sub.add_parser(
+        "train", parents=[BASE_OPTIONS, DEVICE_OPTIONS, FIELD_OPTIONS], help="train an adapter (or the full model)"
+    )
     p.add_argument("--train", required=True, metavar="FILE", help=".jsonl, .json or .csv examples")
     p.add_argument("--eval", metavar="FILE", help="examples to score during and after training")
     p.add_argument("--eval-every", type=int, metavar="N", help="score every N optimizer steps")
@@ -97,7 +110,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     options = options_of(TrainArgs, args)
     examples = load_examples(args.train, args.input_field, args.target_field)
     eval_examples = load_examples(args.eval, args.input_field, args.target_field) if args.eval else None
-    model, tokenizer = load_base(args.base, args.task, examples=examples)
+    model, tokenizer = load_base(args.base, args.task, examples=examples, **placement(args))
     result = train(model, tokenizer, examples, adapter, options, eval_data=eval_examples, output_dir=args.out)
     print(
         f"trained {args.adapter} on {args.train}: {len(result.losses)} steps in {result.seconds:.1f}s, "
@@ -111,7 +124,9 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def add_eval(sub: Any) -> None:
-    p = sub.add_parser("eval", parents=[BASE_OPTIONS, FIELD_OPTIONS], help="exact match (or accuracy) on examples")
+    p = sub.add_parser(
+        "eval", parents=[BASE_OPTIONS, DEVICE_OPTIONS, FIELD_OPTIONS], help="exact match (or accuracy) on examples"
+    )
     p.add_argument("--adapter", metavar="DIR", help="adapter folder or hub id to load into the base")
     p.add_argument("--data", required=True, metavar="FILE", help=".jsonl, .json or .csv examples")
     p.add_argument("--out", metavar="FILE", help="write every prediction here (JSONL)")
@@ -123,7 +138,7 @@ def add_eval(sub: Any) -> None:
 def cmd_eval(args: argparse.Namespace) -> int:
     examples = load_examples(args.data, args.input_field, args.target_field)
     # (a classifier trained by `loraloom train` numbered its labels by the same rule)
-    model, tokenizer = load_base(args.base, args.task, examples=examples, adapter=args.adapter)
+    model, tokenizer = load_base(args.base, args.task, examples=examples, adapter=args.adapter, **placement(args))
     result = evaluate(
         model,
         tokenizer,
@@ -140,14 +155,16 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 
 def add_merge(sub: Any) -> None:
-    p = sub.add_parser("merge", parents=[BASE_OPTIONS], help="merge an adapter into the base and save a plain model")
+    p = sub.add_parser(
+        "merge", parents=[BASE_OPTIONS, DEVICE_OPTIONS], help="merge an adapter into the base and save a plain model"
+    )
     p.add_argument("--adapter", required=True, metavar="DIR", help="adapter folder or hub id")
     p.add_argument("--out", required=True, metavar="DIR", help="output folder (model + tokenizer)")
     p.set_defaults(run=cmd_merge)
 
 
 def cmd_merge(args: argparse.Namespace) -> int:
-    model, tokenizer = load_base(args.base, args.task, adapter=args.adapter)
+    model, tokenizer = load_base(args.base, args.task, adapter=args.adapter, **placement(args))
     save_full_model(merge_and_unload(model), tokenizer, Path(args.out))
     print(f"merged {args.adapter} into {args.base}: wrote {args.out}")
     return 0
@@ -156,7 +173,7 @@ def cmd_merge(args: argparse.Namespace) -> int:
 def add_compose(sub: Any) -> None:
     p = sub.add_parser(
         "compose",
-        parents=[BASE_OPTIONS, FIELD_OPTIONS],
+        parents=[BASE_OPTIONS, DEVICE_OPTIONS, FIELD_OPTIONS],
         help="LoraHub: compose LoRA modules for a new task",
         epilog="exit status: 0 the search ran its budget; 1 an optimizer error cut it short; 130 Ctrl-C cut it "
         "short (either way the best weights so far are saved, marked in weights.json); 2 bad input",
@@ -164,12 +181,8 @@ def add_compose(sub: Any) -> None:
     source = p.add_mutually_exclusive_group(required=True)
     source.add_argument("--modules", nargs="+", metavar="DIR", help="LoRA module folders or hub ids")
     source.add_argument("--pool", metavar="DIR", help="a folder of module folders to choose --num from")
-    p.add_argument(
-        "--num",
-        type=int,
-        default=DEFAULT_NUM,
-        help="modules to choose from --pool (default: %(default)s; all of them, with a note, if the pool holds fewer)",
-    )
+    num = "modules to choose from --pool (default: %(default)s; all of them, with a note, if the pool holds fewer)"
+    p.add_argument("--num", type=int, default=DEFAULT_NUM, help=num)
     p.add_argument("--select", choices=SELECT_METHODS, default=SELECT_METHODS[0], help="default: %(default)s")
     p.add_argument("--examples", required=True, metavar="FILE", help="few-shot .jsonl, .json or .csv examples")
     budgets = ", ".join(f"{mode} {n}" for mode, n in DEFAULT_BUDGETS.items())
@@ -180,14 +193,11 @@ def add_compose(sub: Any) -> None:
         "--population", type=int, default=DEFAULT_POPULATION, help="candidates a pass (default: %(default)s)"
     )
     formula = default_of(SearchSettings, "formula")
-    p.add_argument("--formula", "--objective", choices=FORMULAS, default=formula, help="the loss (default: %(default)s)")
     p.add_argument(
-        "--mode",
-        choices=MODES,
-        default=DEFAULT_MODE,
-        help="gradient: Adam on w; nevergrad: gradient-free (the paper); hybrid: nevergrad then Adam "
-        "(default: %(default)s)",
+        "--formula", "--objective", choices=FORMULAS, default=formula, help="the loss (default: %(default)s)"
     )
+    modes = "gradient: Adam on w; nevergrad: gradient-free (the paper); hybrid: nevergrad then Adam"
+    p.add_argument("--mode", choices=MODES, default=DEFAULT_MODE, help=f"{modes} (default: %(default)s)")
     p.add_argument("--bf16", action="store_true", help="evaluate in bfloat16")
     p.add_argument("--out", required=True, metavar="DIR", help="adapter/, weights.json, trace.csv, trace.png")
     p.add_argument("--merge", action="store_true", help="also save the base with the module merged, in OUT/merged")
@@ -204,20 +214,13 @@ def cmd_compose(args: argparse.Namespace) -> int:
             args.num = size
     settings = options_of(SearchSettings, args, dtype="bf16" if args.bf16 else "fp32")
     examples = load_examples(args.examples, args.input_field, args.target_field)
-    model, tokenizer = load_base(args.base, args.task)
+    model, tokenizer = load_base(args.base, args.task, **placement(args))
     with warnings.catch_warnings():
         warnings.showwarning = _warning_line  # one line each, no source location (restored on exit)
         try:
+            choice = {"pool": args.pool, "num": args.num, "select": args.select}
             result = lorahub(
-                model,
-                args.modules,
-                examples,
-                tokenizer=tokenizer,
-                pool=args.pool,
-                num=args.num,
-                select=args.select,
-                settings=settings,
-                progress=True,
+                model, args.modules, examples, tokenizer=tokenizer, settings=settings, progress=True, **choice
             )
         except OptimizerError as e:
             print(f"loraloom: error: {' '.join(str(e).split())}", file=sys.stderr)
@@ -246,16 +249,15 @@ EXPERIMENT_FLAGS = ("shots", "max_test", "num_modules", "budget", "epochs", "gra
 
 
 def add_experiment(sub: Any) -> None:
-    p = sub.add_parser("experiment", help="the LoraHub protocol: methods x tasks x seeds, resumable, into RUN_DIR")
+    p = sub.add_parser(
+        "experiment", parents=[PLACE_OPTIONS], help="the LoraHub protocol: methods x tasks x seeds, resumable"
+    )
     p.add_argument("--base", required=True, help="base model: a local folder or a hub id")
     p.add_argument("--pool", metavar="DIR", help="folder of LoRA module folders (lorahub*, retrieval-best)")
     p.add_argument("--tasks", required=True, help="bbh:DIR, bbh:download or jsonl:DIR")
     p.add_argument("--task-filter", metavar="GLOB", help="only the tasks whose name matches")
-    p.add_argument(
-        "--methods",
-        default=",".join(DEFAULT_METHODS),
-        help=f"comma-separated, from: {', '.join(METHODS)} (default: %(default)s)",
-    )
+    methods = ", ".join(METHODS)
+    p.add_argument("--methods", default=",".join(DEFAULT_METHODS), help=f"from: {methods} (default: %(default)s)")
     p.add_argument("--seeds", default="1-5", help="e.g. 1-5 or 1,3 (default: %(default)s)")
     p.add_argument("--out", required=True, metavar="RUN_DIR", help="results.sqlite, predictions/, report.md, plots/")
     for name in EXPERIMENT_FLAGS:
@@ -264,11 +266,13 @@ def add_experiment(sub: Any) -> None:
         "--set", action="append", metavar="NAME=VALUE", help="any ExperimentSettings field, VALUE as JSON (repeatable)"
     )
     p.add_argument("--ray", nargs="?", const=True, metavar="ADDRESS", help="run cells on Ray: local, or at ADDRESS")
+    p.add_argument("--num-gpus", type=float, help="Ray: GPUs per cell (fractional allowed; default 0)")
     p.set_defaults(run=cmd_experiment)
 
 
 def cmd_experiment(args: argparse.Namespace) -> int:
-    flags = {f: getattr(args, f) for f in EXPERIMENT_FLAGS if getattr(args, f) is not None}
+    flags = {f: getattr(args, f) for f in (*EXPERIMENT_FLAGS, "num_gpus") if getattr(args, f) is not None}
+    flags.update(device=args.device, dtype=args.dtype)
     results = experiment(
         args.base,
         pool=args.pool,
@@ -339,7 +343,7 @@ def cmd_convert(args: argparse.Namespace) -> int:
 
 
 def add_serve(sub: Any) -> None:
-    p = sub.add_parser("serve", help="an OpenAI-compatible server for many adapters on one base model")
+    p = sub.add_parser("serve", parents=[PLACE_OPTIONS], help="an OpenAI-compatible server for many adapters")
     p.add_argument("--base", required=True, help="base causal LM: a local folder or a hub id")
     p.add_argument("--adapters", metavar="DIR", help="folder of adapter folders (a request's model names one)")
     p.add_argument("--adapter", action="append", metavar="NAME=SOURCE", help="one more adapter: folder or hub id")
@@ -348,6 +352,7 @@ def add_serve(sub: Any) -> None:
     p.add_argument("--max-batch", type=int, default=32, help="rows decoded together (default: %(default)s)")
     p.add_argument("--cache-mib", type=float, default=1024.0, help="adapter cache limit (default: %(default)s)")
     p.add_argument("--ray-replicas", type=int, default=0, metavar="N", help="N replicas with Ray Serve")
+    p.add_argument("--gpus-per-replica", type=float, default=0.0, help="Ray Serve: GPUs each replica asks for")
     p.set_defaults(run=cmd_serve)
 
 
@@ -362,7 +367,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 def add_demo(sub: Any) -> None:
-    p = sub.add_parser("demo", help="LoraHub on the built-in zoo (the main job); `demo lora`: the LoRA walk-through")
+    p = sub.add_parser(
+        "demo", parents=[PLACE_OPTIONS], help="LoraHub on the built-in zoo; `demo lora`: LoRA from nothing"
+    )
     add_demo_arguments(p)
     p.set_defaults(run=cmd_demo)
 

@@ -34,6 +34,7 @@ import torch
 from transformers import T5ForConditionalGeneration
 
 from .adapters import LoraConfig, load_adapter, merge_and_unload
+from .devices import add_device_arguments, model_device, resolve_device, resolve_dtype
 from .evaluate import evaluate, generate
 from .files import atomic_write
 from .seeds import parse_seeds
@@ -100,11 +101,13 @@ class DemoResult:
 def reload_and_merge(model, tokenizer, probe_examples, out: Path, progress: bool) -> tuple[Any, bool, float]:
     """The saved adapter reloaded into a fresh copy of the saved base, then merged: (merged model, whether the
     reloaded logits equal the trained model's, the merged model's largest logit difference)."""
+    device, dtype = model_device(model), next(model.parameters()).dtype
     probe = tokenizer([e["input"] for e in probe_examples], padding=True, return_tensors="pt")
     targets = tokenizer([e["target"] for e in probe_examples], padding=True, return_tensors="pt")
-    probe["decoder_input_ids"] = targets["input_ids"]
+    probe = {**probe, "decoder_input_ids": targets["input_ids"]}
+    probe = {k: v.to(device) for k, v in probe.items()}
     expected = model(**probe).logits
-    fresh = T5ForConditionalGeneration.from_pretrained(out / "base").eval()
+    fresh = T5ForConditionalGeneration.from_pretrained(out / "base", dtype=dtype).to(device).eval()
     reloaded = load_adapter(fresh, out / "adapter", verbose=progress)
     reload_identical = torch.equal(reloaded(**probe).logits, expected)
     merged = merge_and_unload(reloaded)
@@ -120,6 +123,8 @@ def run_lora_demo(
     n_train: int = 2000,
     n_test: int = 200,
     n_words: int = len(WORDS),
+    device: str = "auto",
+    dtype: str = "auto",
     progress: bool = True,
 ) -> DemoResult:
     """The whole demo; the defaults are ``make demo``'s, smaller settings make a quick test."""
@@ -137,7 +142,8 @@ def run_lora_demo(
     write_jsonl(out / "shift_train.jsonl", lora_train)
     write_jsonl(out / "shift_test.jsonl", test)
     tokenizer = train_tokenizer([e["input"] for e in pretrain + lora_train])
-    model = build_demo_t5(tokenizer, seed=seed)
+    target = resolve_device(device)
+    model = build_demo_t5(tokenizer, seed=seed).to(target, resolve_dtype(dtype, target))
     train(model, tokenizer, pretrain, "full", TrainArgs(max_steps=pretrain_steps, batch_size=32, lr=3e-3, seed=seed),
           progress=progress)  # fmt: skip
     save_full_model(model, tokenizer, out / "base")
@@ -308,6 +314,8 @@ def run_from_args(args: argparse.Namespace):
             seed=args.seed,
             pretrain_steps=args.pretrain_steps,
             lora_steps=args.lora_steps,
+            device=args.device,
+            dtype=args.dtype,
             progress=not args.quiet,
         )
     return run_hub_demo(
@@ -315,6 +323,7 @@ def run_from_args(args: argparse.Namespace):
         zoo=args.zoo,
         tasks=args.tasks.split(",") if args.tasks else None,
         seeds=parse_seeds(args.seeds),
+        settings=demo_settings(device=args.device, dtype=args.dtype),
         progress=not args.quiet,
     )
 
@@ -324,7 +333,7 @@ def main(argv: list[str] | None = None):
         prog="python -m loraloom.demo",
         description="LoraHub on the built-in zoo (default), or `lora`: the LoRA walk-through from nothing.",
     )
-    return run_from_args(add_demo_arguments(parser).parse_args(argv))
+    return run_from_args(add_device_arguments(add_demo_arguments(parser)).parse_args(argv))
 
 
 if __name__ == "__main__":

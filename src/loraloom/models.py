@@ -17,6 +17,7 @@ from torch import nn
 from .adapters import load_adapter, read_adapter
 from .adapters.peft_format import normalise_key
 from .data import Example, default_label2id
+from .devices import resolve_device, resolve_dtype
 from .tasks import TASKS, task_of_adapter, task_of_config
 
 # Head weights whose first dimension is the number of labels of a saved classifier.
@@ -52,7 +53,9 @@ def load_base(
     *,
     examples: Sequence[Example] | None = None,
     adapter: str | os.PathLike | None = None,
-    dtype: torch.dtype | None = None,
+    device: str | torch.device | None = None,
+    dtype: str | torch.dtype | None = None,
+    device_map: str | dict | None = None,
 ) -> tuple[nn.Module, Any]:
     """(model, tokenizer) in eval mode from a local folder or a hub id, with ``adapter`` loaded if given.
 
@@ -60,9 +63,15 @@ def load_base(
     ``task`` that contradicts the adapter's is an error naming both. For classification, unless the config
     already names every label of ``examples``, their labels (numbered as ``train`` numbers them) replace
     the config's and the head is built anew for them; without examples a saved head sets the label count.
+
+    ``device`` / ``dtype`` (``devices.py``: "auto", "cpu", "cuda:1", ...; "fp32", "bf16", "fp16"): where the model
+    runs and in what precision; None keeps transformers' defaults (the CPU, the checkpoint's float32).
+    ``device_map="auto"`` spreads a base larger than one device over all of them (transformers + accelerate).
     """
     from transformers import AutoConfig, AutoTokenizer
 
+    target = resolve_device(device) if device is not None else None
+    torch_dtype = resolve_dtype(dtype, target) if dtype is not None else None
     source = model_source(name_or_path)
     config = AutoConfig.from_pretrained(source)
     adapter_config, tensors, _ = read_adapter(adapter) if adapter else (None, {}, None)
@@ -75,7 +84,9 @@ def load_base(
     task = task or adapter_task or task_of_config(config)
     if task not in TASKS:
         raise ValueError(f"task must be one of {TASKS}, got {task!r}")
-    kwargs: dict[str, Any] = {} if dtype is None else {"dtype": dtype}
+    kwargs: dict[str, Any] = {} if torch_dtype is None else {"dtype": torch_dtype}
+    if device_map is not None:
+        kwargs["device_map"] = device_map
     label2id = default_label2id(examples) if task == "classification" and examples else None
     head = [t for k, t in tensors.items() if normalise_key(k).endswith(CLASSIFIER_KEYS)]
     if task == "classification" and not label2id and head and head[0].shape[0] != config.num_labels:
@@ -87,6 +98,8 @@ def load_base(
         config.id2label = {i: label for label, i in label2id.items()}
         kwargs["ignore_mismatched_sizes"] = True  # the base's head (if any) has other labels
     model = model_classes()[task].from_pretrained(source, config=config, **kwargs).eval()
+    if target is not None and device_map is None:
+        model.to(target)
     tokenizer = AutoTokenizer.from_pretrained(source)
     if adapter:
         load_adapter(model, adapter)

@@ -86,7 +86,7 @@ def experiment(
     store = Store(out)
     try:
         store.check_base(identity)
-        model, tokenizer = load_base(str(base), progress)
+        model, tokenizer = load_base(str(base), settings, progress)
         if modules:  # shapes: a pool trained for another architecture fails here, not in a cell
             load_bank(modules[:1], base_model=model)
 
@@ -231,15 +231,16 @@ def base_identity(base: str | os.PathLike) -> dict[str, Any]:
     return identity
 
 
-def load_base(base: str, progress: bool) -> tuple[nn.Module, Any]:
-    """The base model and tokenizer; transformers' loading bar only when the sweep shows progress."""
+def load_base(base: str, settings: ExperimentSettings, progress: bool) -> tuple[nn.Module, Any]:
+    """The base model and tokenizer on the settings' device and dtype; transformers' loading bar only when the
+    sweep shows progress."""
     from transformers.utils import logging as hf_logging
 
     shown = hf_logging.is_progress_bar_enabled()
     if not progress:
         hf_logging.disable_progress_bar()
     try:
-        return models.load_base(base)
+        return models.load_base(base, device=settings.device, dtype=settings.dtype)
     finally:
         if shown:
             hf_logging.enable_progress_bar()
@@ -324,7 +325,7 @@ _WORKER_BASE: dict[str, tuple[nn.Module, Any]] = {}  # per worker process: the b
 def _run_remote(base: str, job: Job) -> dict[str, Any]:
     torch.set_num_threads(1)  # one core per Ray task: threads would only fight each other
     if base not in _WORKER_BASE:
-        _WORKER_BASE[base] = load_base(base, progress=False)
+        _WORKER_BASE[base] = load_base(base, job.settings, progress=False)
     model, tokenizer = _WORKER_BASE[base]
     return run_cell(job, model, tokenizer)
 
@@ -342,7 +343,8 @@ def run_on_ray(jobs: list[Job], base: str, address: bool | str, store: Store, ba
         else:
             ray.init(address=str(address), log_to_driver=False)
     try:
-        remote = ray.remote(num_cpus=1, max_retries=0)(_run_remote)
+        gpus = jobs[0].settings.num_gpus if jobs else 0.0  # per cell; fractional shares a GPU between cells
+        remote = ray.remote(num_cpus=1, num_gpus=gpus, max_retries=0)(_run_remote)
         in_flight = {remote.remote(base, job): job for job in jobs}
         while in_flight:
             done, _ = ray.wait(list(in_flight), num_returns=1)

@@ -20,7 +20,10 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
+import torch
+
 from ..adapters.registry import ADAPTER_TYPES
+from ..devices import resolve_device, resolve_dtype
 from ..hub.search import SearchSettings
 from ..train import FULL, FULL_LR
 
@@ -83,7 +86,17 @@ class ExperimentSettings:
     """ICL: the longest prompt the model takes; None = the smaller of the model's position limit and the
     tokenizer's model_max_length. Longer prompts skip the ICL cell, with the reason recorded."""
 
+    device: str = "auto"
+    """Where the base model runs: auto (cuda, else mps, else cpu), cpu, cuda, cuda:N or mps."""
+    dtype: str = "auto"
+    """The base model's precision: fp32, bf16, fp16, or auto (bf16 on GPUs that support it, else fp32)."""
+    num_gpus: float = 0.0
+    """Ray: GPUs each cell asks for (fractional: cells share a GPU); 0 on CPU machines."""
+
     def __post_init__(self) -> None:
+        resolve_dtype(self.dtype, resolve_device(self.device))  # a missing device fails here, before any cell
+        if isinstance(self.num_gpus, bool) or not isinstance(self.num_gpus, (int, float)) or not self.num_gpus >= 0:
+            raise ValueError(f"ExperimentSettings.num_gpus must be a number >= 0, got {self.num_gpus!r}")
         for name in ("shots", "num_modules", "budget", "epochs", "gradient_runs", "train_batch_size"):
             _check_int(self, name, minimum=1)
         _check_int(self, "max_new_tokens", minimum=1)
@@ -98,7 +111,9 @@ class ExperimentSettings:
         object.__setattr__(self, "learning_rates", {**default_learning_rates(), **self.learning_rates})
         for method, value in self.learning_rates.items():
             if method not in GRADIENT_METHODS:
-                raise ValueError(f"ExperimentSettings.learning_rates: unknown method {method!r}; use {GRADIENT_METHODS}")
+                raise ValueError(
+                    f"ExperimentSettings.learning_rates: unknown method {method!r}; use {GRADIENT_METHODS}"
+                )
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
                 raise ValueError(f"ExperimentSettings lr_{method} must be a positive number, got {value!r}")
         if not isinstance(self.lorahub_options, dict) or not all(isinstance(k, str) for k in self.lorahub_options):
@@ -138,7 +153,9 @@ class ExperimentSettings:
     def from_dict(cls, values: dict[str, Any]) -> ExperimentSettings:
         """Settings from a dict; an unknown name is an error listing the known ones."""
         values = dict(values)
-        rates = {k.removeprefix("lr_"): values.pop(k) for k in list(values) if k.removeprefix("lr_") in GRADIENT_METHODS}
+        rates = {
+            k.removeprefix("lr_"): values.pop(k) for k in list(values) if k.removeprefix("lr_") in GRADIENT_METHODS
+        }
         if rates:
             values["learning_rates"] = {**values.get("learning_rates", {}), **rates}
         known = {f.name for f in dataclasses.fields(cls)}
@@ -174,6 +191,9 @@ class ExperimentSettings:
         elif method in GRADIENT_METHODS:
             names += ["epochs", "train_batch_size"]
         values = {name: getattr(self, name) for name in names}
+        dtype = resolve_dtype(self.dtype, resolve_device(self.device))
+        if dtype != torch.float32:  # results in another precision are other cells (fp32 cells keep their hashes)
+            values["dtype"] = str(dtype).removeprefix("torch.")
         if method in GRADIENT_METHODS:  # under its old field name: the hashes of earlier runs still match
             values[f"lr_{method}"] = self.learning_rates[method]
         if method in LORAHUB_METHODS:  # the search as it will run, LoraHub's defaults included (not the seed)

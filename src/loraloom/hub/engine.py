@@ -53,6 +53,7 @@ def lorahub(
     max_length: int | None = None,
     input_field: str = "input",
     target_field: str = "target",
+    device: str | None = None,
     progress: bool = False,
     **options: Any,
 ) -> LoraHubResult:
@@ -66,6 +67,7 @@ def lorahub(
         pool, num, select: instead of ``modules``, choose ``num`` modules from a pool (a folder of
             module folders, or a list): ``"random"`` draws them with the seed (the paper),
             ``"retrieval"`` keeps the ``num`` with the lowest few-shot loss on their own.
+        device: where a base given by name loads ("auto", "cpu", "cuda:1"...; a model object stays put).
         settings: how to search (``SearchSettings``: mode, budget, optimizer, population, seed, bounds,
             lr, objective, alpha, dtype, layer_groups, ...); the defaults when None.
         **options: any ``SearchSettings`` field by name, overriding ``settings``: ``budget=40, seed=1``.
@@ -77,17 +79,16 @@ def lorahub(
     ``LoraHubWarning``); with nothing evaluated yet, the error (or the KeyboardInterrupt) is raised.
     """
     search = SearchSettings.from_options(settings, **options)
-    if select not in METHODS:
-        raise ValueError(f"select must be one of {METHODS}, got {select!r}")
-    if examples is None:
-        raise ValueError("no few-shot examples given: pass examples=[...] or a file")
+    if select not in METHODS or examples is None:
+        bad = f"select must be one of {METHODS}, got {select!r}" if examples is not None else "no examples given"
+        raise ValueError(bad)
     if (modules is None) == (pool is None):
         raise ValueError("pass either modules=[...] or pool=... (with num and select), not both or neither")
     clock = _Clock()
 
     # LOAD: the base model, the examples as token ids, and the modules into a bank.
     with clock.phase("base_load"):
-        model, tokenizer = _base_and_tokenizer(base, tokenizer)
+        model, tokenizer = _base_and_tokenizer(base, tokenizer, device)
     with clock.phase("tokenisation"):
         features = encode_few_shot(model, tokenizer, load_examples(examples, input_field, target_field), max_length)
     pad_token_id = pad_token_id_of(tokenizer)
@@ -122,10 +123,14 @@ def lorahub(
     )
 
 
-def _base_and_tokenizer(base: nn.Module | str | os.PathLike, tokenizer: Any) -> tuple[nn.Module, Any]:
+def _base_and_tokenizer(
+    base: nn.Module | str | os.PathLike, tokenizer: Any, device: str | None
+) -> tuple[nn.Module, Any]:
     if isinstance(base, (str, os.PathLike)):
-        model, loaded = load_base(base)
+        model, loaded = load_base(base, device=device or "auto")
         return model, tokenizer or loaded
+    if device is not None:
+        raise ValueError("device= places a base given by name; move a model object yourself (model.to(device))")
     if tokenizer is None:
         raise ValueError("pass tokenizer=... with a model object (or give the base model's folder or hub id)")
     return base, tokenizer

@@ -30,6 +30,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..adapters.base import AdapterError
+from ..devices import resolve_device, resolve_dtype
 from ..models import load_base
 from .cache import BASE, AdapterCache, UnknownAdapter, check_adapter_name, check_cache_options
 from .engine import Engine, Request, SamplingParams, Scheduler, check_max_batch
@@ -330,11 +331,20 @@ class ServeOptions:
     """Memory for loaded adapters (and composition banks), least recently used dropped first."""
     ray_replicas: int = 0
     """0: one process. N >= 1: N replicas behind one endpoint with Ray Serve."""
+    device: str = "auto"
+    """Where the base runs: auto (cuda, else mps, else cpu), cpu, cuda, cuda:N or mps."""
+    dtype: str = "auto"
+    """The base's precision: fp32, bf16, fp16, or auto (bf16 on GPUs that support it)."""
+    gpus_per_replica: float = 0.0
+    """Ray Serve: GPUs each replica asks for (fractional allowed)."""
 
     def __post_init__(self) -> None:
         # Each component's own check, run here before the model loads.
         check_cache_options(self.adapters, self.cache_mib)
         check_max_batch(self.max_batch)
+        resolve_dtype(self.dtype, resolve_device(self.device))
+        if not self.gpus_per_replica >= 0:
+            raise ValueError(f"--gpus-per-replica must be >= 0, got {self.gpus_per_replica}")
         for name in self.named:
             check_adapter_name(name)
         if not 0 <= self.port < 65536:
@@ -348,7 +358,7 @@ def build_app(options: ServeOptions) -> FastAPI:
     cache = AdapterCache(options.adapters, limit_mib=options.cache_mib)
     for name, source in options.named.items():
         cache.add(name, source, load=False)
-    model, tokenizer = load_base(options.base, "causal")
+    model, tokenizer = load_base(options.base, "causal", device=options.device, dtype=options.dtype)
     return create_app(Engine(model, tokenizer, max_batch=options.max_batch), cache)
 
 

@@ -40,7 +40,10 @@ def deploy(options: ServeOptions, *, num_cpus: float = 1.0, blocking: bool = Fal
         ray.init(include_dashboard=False, log_to_driver=False)
     serve.start(http_options={"host": options.host, "port": options.port})
     deployment = serve.deployment(
-        LoraloomReplica, name=DEPLOYMENT, num_replicas=options.ray_replicas, ray_actor_options={"num_cpus": num_cpus}
+        LoraloomReplica,
+        name=DEPLOYMENT,
+        num_replicas=options.ray_replicas,
+        ray_actor_options={"num_cpus": num_cpus, "num_gpus": options.gpus_per_replica},
     )
     return serve.run(deployment.bind(options), name=DEPLOYMENT, route_prefix="/", blocking=blocking)
 
