@@ -29,6 +29,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..data import IGNORE_INDEX, Example, collate, encode_causal, encode_seq2seq, pad_token_id_of
+from ..devices import model_device
 from ..tasks import task_of
 from .compose import Composition, as_population
 
@@ -230,10 +231,14 @@ class Objective:
             self.composition.set_weights(w, self.dtype)
             composed = time.perf_counter()
             p = w.shape[0]
-            sums = torch.zeros(p, self.n_examples, dtype=torch.float64)
+            device = model_device(self.model)
+            # Summed on the model's device, in float64 where it has one (MPS does not); one copy back at the end.
+            acc = torch.float32 if device.type == "mps" else torch.float64
+            sums = torch.zeros(p, self.n_examples, dtype=acc, device=device)
             for idx, batch in self.micro_batches(p):
                 per_row = self._row_loss_sums({k: v.repeat(p, 1) for k, v in batch.items()})
-                sums = sums.index_add(1, torch.tensor(idx), per_row.view(p, len(idx)).double().cpu())
+                sums = sums.index_add(1, torch.tensor(idx, device=device), per_row.view(p, len(idx)).to(acc))
+            sums = sums.to("cpu", torch.float64)
             self.seconds["composition"] += composed - start
             self.seconds["forward"] += time.perf_counter() - composed
             return sums

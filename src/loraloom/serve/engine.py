@@ -313,6 +313,7 @@ def _sample_row(logits: torch.Tensor, params: SamplingParams, generator: torch.G
         outside = sorted_probs.cumsum(0) - sorted_probs >= params.top_p  # keep the smallest set reaching top_p
         sorted_probs[outside] = 0.0
         probs = torch.zeros_like(probs).scatter(0, order, sorted_probs)
+    # On the CPU with the request's own CPU generator: same seed, same tokens, whatever device the model is on.
     return int(torch.multinomial(probs.cpu(), 1, generator=generator))
 
 
