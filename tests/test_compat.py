@@ -15,8 +15,8 @@ from loraloom.compat import (
     lorahub_inference,
     lorahub_learning,
     reference_features,
-    reference_normalise,
 )
+from loraloom.data import normalise_answer
 from loraloom.hub import Composition, Objective, load_bank, merge_composition
 
 INPUTS = [e["input"] for e in EXAMPLES]
@@ -148,8 +148,8 @@ def reference_key(s: str) -> str:
     ],
 )
 def test_answers_are_compared_as_the_reference_compares_them(prediction, truth, same):
-    assert (reference_normalise(prediction) == reference_normalise(truth)) is same
-    assert reference_normalise(prediction) == reference_key(prediction)
+    assert (normalise_answer(prediction) == normalise_answer(truth)) is same
+    assert normalise_answer(prediction) == reference_key(prediction)
 
 
 class SpacedTokenizer:

@@ -294,7 +294,8 @@ def test_batches_cover_everything_and_shuffle_by_seed():
 
 @pytest.mark.parametrize(
     ("raw", "normal"),
-    [("  True ", "true"), ("(A).", "(a)"), ("No.\n", "no"), ("3.14", "314"), ("Yes .", "yes"), ("", "")],
+    # The reference's order (strip, lower, drop "."): "Yes ." keeps the space before its "."; "No.\n" loses both.
+    [("  True ", "true"), ("(A).", "(a)"), ("No.\n", "no"), ("3.14", "314"), ("Yes .", "yes "), (" . ", ""), ("", "")],
 )
 def test_normalise_answer(raw, normal):
     assert normalise_answer(raw) == normal

@@ -25,7 +25,7 @@ from torch.utils.data import DataLoader, Dataset
 from transformers import AutoTokenizer, default_data_collator
 
 from .adapters import read_adapter
-from .data import IGNORE_INDEX, Example, encode_causal, pad_token_id_of
+from .data import IGNORE_INDEX, Example, encode_causal, normalise_answer, pad_token_id_of
 from .evaluate import generate
 from .hub.bank import load_bank
 from .hub.compose import Composition
@@ -185,7 +185,7 @@ def lorahub_inference(
     the batch's longest, greedy, up to 256 new tokens, decoded without special tokens and returned as
     decoded (not stripped). Causal LMs, which the reference lacks, go through ``evaluate.generate``
     (left padding, the prompt cut off, stripped). Answers are compared as the reference compares them
-    (``reference_normalise``).
+    (``data.normalise_answer``, the reference's order).
     """
     model = load_base(model_or_name_path)[0] if isinstance(model_or_name_path, str) else model_or_name_path
     tokenizer = tokenizer_or_tokenizer_path
@@ -199,15 +199,9 @@ def lorahub_inference(
     if example_outputs is None:
         return predictions, None
     correct = sum(
-        reference_normalise(p) == reference_normalise(t) for p, t in zip(predictions, example_outputs, strict=True)
+        normalise_answer(p) == normalise_answer(t) for p, t in zip(predictions, example_outputs, strict=True)
     )
     return predictions, correct / len(predictions) * 100
-
-
-def reference_normalise(answer: str) -> str:
-    """The reference's exact-match key: strip, lower-case, then drop every "." (in that order, so
-    ``"(A) ."`` keeps its inner space and does not match ``"(A)"``)."""
-    return answer.strip().lower().replace(".", "")
 
 
 @torch.no_grad()
@@ -231,5 +225,5 @@ __all__ = [
     "default_l1_regularization",
     "lorahub_inference",
     "lorahub_learning",
-    "reference_normalise",
+
 ]

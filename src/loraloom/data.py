@@ -343,8 +343,9 @@ def batches(features: Sequence[Any], batch_size: int, *, shuffle: bool, seed: in
 
 
 def normalise_answer(s: str) -> str:
-    """LoraHub's exact-match normalisation: lower-case, drop every ".", strip surrounding whitespace."""
-    return s.lower().replace(".", "").strip()
+    """LoraHub's exact-match normalisation, in the reference's order: strip surrounding whitespace, lower-case,
+    drop every "." (so "Yes ." keeps the space the "." leaves: "yes ", as the reference scores it)."""
+    return s.strip().lower().replace(".", "")
 
 
 __all__ = [

@@ -3,7 +3,7 @@
 Generation is batched. Inputs are sorted by length first so each batch pads little, and the outputs are
 put back in the caller's order. Causal LMs read left-padded prompts (the new tokens then start at the same
 column for every row) and only the tokens after the prompt are decoded. Exact match compares answers after
-LoraHub's normalisation (``data.normalise_answer``: lower-case, drop ".", strip).
+LoraHub's normalisation (``data.normalise_answer``: strip, lower-case, drop ".", in the reference's order).
 """
 
 from __future__ import annotations
