@@ -255,3 +255,38 @@ def test_unreachable_recast_threads_are_stopped_and_others_left_alone():
     assert not ours._messaging_thread.is_alive()
     stop_recast_threads(other_search)
     assert recast_threads() == before
+
+
+def test_gradient_search_skips_non_finite_steps_counts_them_and_never_claims_a_finite_result(tmp_path, monkeypatch):
+    """Issue 17: Adam on w used to stop at the first NaN/inf loss and report complete with loss inf."""
+    from hub_modules import EXAMPLES, make_modules, tokenizer
+    from tiny_models import tiny_t5
+
+    import loraloom as ll
+    from loraloom.hub import load_bank
+    from loraloom.hub.search import LoraHubWarning
+
+    model = tiny_t5()
+    bank = load_bank(make_modules(model, tmp_path, 2))
+    for name in bank.layers:  # every module overflows the model: no w has a finite loss
+        bank.A[name].fill_(1e30)
+        bank.B[name].fill_(1e30)
+    with pytest.warns(LoraHubWarning, match="every Adam step had a NaN or inf loss"):
+        result = ll.lorahub(model, bank, EXAMPLES, tokenizer=tokenizer(), budget=4, mode="gradient")
+    assert not result.complete and result.nonfinite == len(result.trace) >= 1 and "no finite" in result.stopped
+
+    # One NaN in the middle (the 2nd step): skipped, counted, warned; the search goes on and ends complete.
+    from loraloom.hub.objective import Objective
+
+    real, calls = Objective.token_loss_sums, []
+
+    def nan_on_second_call(self, w):
+        calls.append(1)
+        sums = real(self, w)
+        return sums * float("nan") if len(calls) == 2 else sums
+
+    monkeypatch.setattr(Objective, "token_loss_sums", nan_on_second_call)
+    model = tiny_t5()
+    with pytest.warns(LoraHubWarning, match="1 of 5 Adam steps had a NaN or inf loss"):
+        result = ll.lorahub(model, make_modules(model, tmp_path / "b", 2), EXAMPLES, tokenizer=tokenizer(), budget=5)
+    assert result.complete and math.isfinite(result.objective) and result.nonfinite == 1 and len(result.trace) == 5

@@ -450,19 +450,38 @@ def gradient_search(
     adam = torch.optim.Adam([w], lr=settings.lr)
     tracer = _Tracer(objective, steps, progress, "lorahub Adam")
     stop: KeyboardInterrupt | None = None
+    last_good: torch.Tensor | None = None  # the last w whose loss and gradient were finite
     try:
         with _frozen(objective.model):
             for _ in range(steps):
-                if not _adam_step(objective, w, adam, bounds, tracer):
-                    break  # a non-finite loss or gradient: no direction to follow
+                scored = w.detach().clone()
+                if _adam_step(objective, w, adam, bounds, tracer):
+                    last_good = scored
+                elif last_good is None:
+                    break  # non-finite from the start: no finite point to step back to
+                else:  # skip the step: back half way towards the last finite w, and try again from there
+                    with torch.no_grad():
+                        w.copy_((w + last_good) / 2)
     except KeyboardInterrupt as e:  # Ctrl-C: keep the steps taken (none taken: nothing to keep)
         tracer.bar.close()
         if not tracer.trace:
             raise
         stop = e
     found = tracer.result("gradient:Adam")
+    found.nonfinite = sum(not math.isfinite(e.objective) for e in found.trace)
     if stop is not None:
         _cut_short(found, stop, f"interrupted after {len(found.trace)} of {steps} Adam steps")
+    elif found.nonfinite == len(found.trace):
+        found.complete = False
+        found.stopped = "every Adam step had a NaN or inf loss: no finite weights found"
+        warnings.warn(found.stopped, LoraHubWarning, stacklevel=2)
+    elif found.nonfinite:
+        warnings.warn(
+            f"{found.nonfinite} of {len(found.trace)} Adam steps had a NaN or inf loss (or gradient): skipped, "
+            "each stepping back half way towards the last finite weights",
+            LoraHubWarning,
+            stacklevel=2,
+        )
     return found
 
 
