@@ -28,7 +28,7 @@ openai = pytest.importorskip("openai")
 uvicorn = pytest.importorskip("uvicorn")
 from loraloom.models import load_base  # noqa: E402
 from loraloom.serve import AdapterCache, Engine, Request, SamplingParams  # noqa: E402
-from loraloom.serve.app import create_app  # noqa: E402
+from loraloom.serve.app import Access, create_app  # noqa: E402
 
 TEMPLATE = "{% for m in messages %}{{ m['role'] }} : {{ m['content'] }} {% endfor %}assistant :"
 TARGETS = ["q_proj", "v_proj"]
@@ -55,7 +55,8 @@ def world(tmp_path_factory):
 @pytest.fixture(scope="module")
 def server(world):
     model, tok = load_base(str(world / "base"), "causal")
-    app = create_app(Engine(model, tok, max_batch=32), AdapterCache(world / "adapters", limit_mib=64))
+    access = Access(manage=True, roots=(str(world / "adapters"), str(world / "later")))
+    app = create_app(Engine(model, tok, max_batch=32), AdapterCache(world / "adapters", limit_mib=64), access)
     config = uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning", lifespan="on")
     srv = uvicorn.Server(config)
     thread = threading.Thread(target=srv.run, daemon=True)
@@ -218,8 +219,8 @@ def test_add_and_remove_adapters_while_serving(world, server, client):
     assert "late" in [m.id for m in client.models.list()]
     out = client.completions.create(model="late", prompt=PROMPT, max_tokens=8, temperature=0)
     assert out.choices[0].text == expected(world, PROMPT, "../later/late00")
-    bad = httpx.post(url, json={"name": "bad", "source": str(world / "nowhere")})
-    assert bad.status_code == 400 and "nowhere" in bad.json()["error"]["message"]
+    bad = httpx.post(url, json={"name": "bad", "source": str(world / "nowhere")})  # outside the allowed folders
+    assert bad.status_code == 403 and "nowhere" not in bad.json()["error"]["message"]
     assert httpx.delete(url + "/late").status_code == 200
     with pytest.raises(openai.NotFoundError):
         client.completions.create(model="late", prompt=PROMPT, max_tokens=3)

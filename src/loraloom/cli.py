@@ -353,6 +353,11 @@ def add_serve(sub: Any) -> None:
     p.add_argument("--cache-mib", type=float, default=1024.0, help="adapter cache limit (default: %(default)s)")
     p.add_argument("--ray-replicas", type=int, default=0, metavar="N", help="N replicas with Ray Serve")
     p.add_argument("--gpus-per-replica", type=float, default=0.0, help="Ray Serve: GPUs each replica asks for")
+    p.add_argument("--api-key", default=os.environ.get("LORALOOM_API_KEY"), help="Bearer key every request needs")
+    p.add_argument("--allow-adapter-management", action="store_true", help="POST/DELETE /v1/adapters (off)")
+    p.add_argument("--allow-path", action="append", default=[], metavar="DIR", help="more folders to POST from")
+    p.add_argument("--allow-hub", action="store_true", help="POSTed adapters may be hub ids (off)")
+    p.add_argument("--max-body-mib", type=float, default=8.0, help="larger request bodies get 413 (default 8)")
     p.set_defaults(run=cmd_serve)
 
 
@@ -412,8 +417,6 @@ def cmd_zoo_verify(args: argparse.Namespace) -> int:
     )
     return 0
 
-
-# ---- the parser, main --------------------------------------------------------------------------
 
 SUBCOMMANDS = (add_train, add_eval, add_merge, add_compose, add_serve, add_inspect, add_convert)
 SUBCOMMANDS += (add_experiment, add_report, add_demo, add_zoo)

@@ -67,10 +67,9 @@ def lorahub(
         pool, num, select: instead of ``modules``, choose ``num`` modules from a pool (a folder of
             module folders, or a list): ``"random"`` draws them with the seed (the paper),
             ``"retrieval"`` keeps the ``num`` with the lowest few-shot loss on their own.
-        device: where a base given by name loads ("auto", "cpu", "cuda:1"...; a model object stays put).
-        settings: how to search (``SearchSettings``: mode, budget, optimizer, population, seed, bounds,
-            lr, objective, alpha, dtype, layer_groups, ...); the defaults when None.
-        **options: any ``SearchSettings`` field by name, overriding ``settings``: ``budget=40, seed=1``.
+        device: where a base given by name loads ("auto", "cpu", "cuda:1"; a model object stays put).
+        settings: how to search (``SearchSettings``: mode, budget, formula, dtype, ...; default when None).
+        **options: any ``SearchSettings`` field by name, overriding ``settings`` (``budget=40, seed=1``).
 
     Returns a ``LoraHubResult``: best weights and objective, the trace of every evaluation, the modules
     and how they were chosen, the settings and a time budget per phase; ``.save(dir)`` and ``.merge()``.

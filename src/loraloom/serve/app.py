@@ -14,12 +14,15 @@ adapter folder that fails to load is a 500 naming the file (the server goes on).
 from __future__ import annotations
 
 import asyncio
+import hmac
 import json
 import logging
+import re
 import time
 import uuid
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Literal
 
 from fastapi import FastAPI
@@ -97,9 +100,82 @@ class ChatBody(_Generation):
 class AdapterBody(BaseModel):
     name: str = Field(min_length=1)
     source: str = Field(min_length=1)
+    replace: bool = False
 
 
 # ---- the app -----------------------------------------------------------------------------------
+
+
+ADAPTER_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
+
+
+@dataclass(frozen=True)
+class Access:
+    """Who may do what: the API key every route asks for, and where adapters may be added from."""
+
+    api_key: str | None = None
+    """Bearer token every request must carry (``Authorization: Bearer KEY``); None: no authentication."""
+    manage: bool = False
+    """Adapter management (POST/DELETE /v1/adapters) on; off by default."""
+    roots: tuple[str, ...] = ()
+    """Folders a POSTed adapter may come from (the adapters folder and each --allow-path)."""
+    hub: bool = False
+    """A POSTed source that is not a folder here may be a hub id to download."""
+    max_body_bytes: int = 8 * 2**20
+    """Requests with a larger body are refused (413) before they are read."""
+
+    def authorised(self, header: str | None) -> bool:
+        if self.api_key is None:
+            return True
+        scheme, _, token = (header or "").partition(" ")
+        return scheme.lower() == "bearer" and hmac.compare_digest(token.strip().encode(), self.api_key.encode())
+
+    def check_manage(self) -> None:
+        if not self.manage:
+            raise APIError(403, "adapter management is off (start the server with --allow-adapter-management)")
+
+    def source(self, source: str) -> str:
+        """The folder (resolved) or hub id a POSTed adapter may load from; APIError 403 otherwise."""
+        path = Path(source).expanduser()
+        if path.exists():
+            real = path.resolve()  # symlinks followed: a link inside a root to a folder outside is outside
+            if any(real.is_relative_to(Path(root).resolve()) for root in self.roots):
+                return str(real)
+            raise APIError(
+                403, "source: not inside the server's adapter folders (--adapters, --allow-path)", param="source"
+            )
+        if self.hub and not source.startswith((".", "/", "~")) and source.count("/") <= 1:
+            return source
+        raise APIError(
+            403, "source: no such adapter folder here, and hub downloads are off (--allow-hub)", param="source"
+        )
+
+
+class Guard:
+    """Every request, before its body is read: the API key, then the declared body size.
+
+    Plain ASGI, not an HTTP middleware class: those hide a client's disconnect from the routes. A body sent
+    without a content-length (chunked) is not measured here.
+    """
+
+    def __init__(self, app: Any, access: Access) -> None:
+        self.app, self.access = app, access
+
+    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        if scope["type"] == "http":
+            headers = dict(scope.get("headers") or [])
+            size = headers.get(b"content-length", b"").decode("latin-1")
+            refusal = None
+            if not self.access.authorised(headers.get(b"authorization", b"").decode("latin-1") or None):
+                refusal = APIError(
+                    401, "invalid or missing API key (Authorization: Bearer KEY)", code="invalid_api_key"
+                )
+            elif size and (not size.isdigit() or int(size) > self.access.max_body_bytes):
+                refusal = APIError(413, f"request body over {self.access.max_body_bytes} bytes")
+            if refusal is not None:
+                await refusal.response()(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
 
 
 class _Service:
@@ -107,6 +183,12 @@ class _Service:
 
     def __init__(self, engine: Engine, cache: AdapterCache) -> None:
         self.engine, self.cache, self.scheduler = engine, cache, Scheduler(engine)
+
+    def fits(self, adapter: LoraWeights) -> LoraWeights:
+        """``adapter``, checked against the base's layer shapes before it joins a batch (AdapterError if not):
+        an adapter made for another base fails its own request, never the running batch."""
+        self.engine.multi.check(adapter)
+        return adapter
 
     async def admit(self, body: _Generation, ids: list[int], default_max_tokens: int | None) -> Request:
         self.scheduler.start()  # idempotent: for hosts that skip the lifespan events
@@ -145,10 +227,10 @@ class _Service:
                         f"(modules: {', '.join(sorted(known)) or 'none'})",
                         param="lorahub_weights",
                     )
-                return await asyncio.to_thread(self.cache.compose, body.lorahub_weights)
+                return self.fits(await asyncio.to_thread(self.cache.compose, body.lorahub_weights))
             if body.model == BASE:
                 return None
-            return await asyncio.to_thread(self.cache.get, body.model)
+            return self.fits(await asyncio.to_thread(self.cache.get, body.model))
         except UnknownAdapter as e:
             raise APIError(404, f"the model {body.model!r} does not exist: {e}", param="model",
                            code="model_not_found") from e  # fmt: skip
@@ -216,20 +298,8 @@ class _Service:
             self.scheduler.cancel(request)
 
 
-def create_app(engine: Engine, cache: AdapterCache) -> FastAPI:
-    """The FastAPI app serving ``engine`` (the base model) with the adapters of ``cache``."""
-    service = _Service(engine, cache)
-    scheduler = service.scheduler
-    created = int(time.time())
-
-    @asynccontextmanager
-    async def lifespan(app: FastAPI):
-        scheduler.start()
-        yield
-        await scheduler.stop()
-
-    app = FastAPI(title="loraloom", lifespan=lifespan)
-    app.state.scheduler, app.state.cache, app.state.engine = scheduler, cache, engine
+def add_error_handlers(app: FastAPI) -> None:
+    """Every error as an OpenAI error body (APIError), whatever raised it."""
 
     @app.exception_handler(APIError)
     async def _api_error(_: HTTPRequest, e: APIError) -> JSONResponse:
@@ -247,6 +317,27 @@ def create_app(engine: Engine, cache: AdapterCache) -> FastAPI:
     async def _http(_: HTTPRequest, e: StarletteHTTPException) -> JSONResponse:
         return APIError(e.status_code, str(e.detail), type="invalid_request_error").response()
 
+
+def create_app(engine: Engine, cache: AdapterCache, access: Access | None = None) -> FastAPI:
+    """The FastAPI app serving ``engine`` (the base model) with the adapters of ``cache``, as ``access`` allows
+    (default: no key, no adapter management)."""
+    access = access or Access()
+    service = _Service(engine, cache)
+    scheduler = service.scheduler
+    created = int(time.time())
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        scheduler.start()
+        yield
+        await scheduler.stop()
+
+    app = FastAPI(title="loraloom", lifespan=lifespan)
+    app.add_middleware(Guard, access=access)
+    app.state.scheduler, app.state.cache, app.state.engine = scheduler, cache, engine
+
+    add_error_handlers(app)
+
     @app.get("/v1/models")
     async def models() -> dict:
         names = [BASE, *cache.names()]
@@ -257,14 +348,24 @@ def create_app(engine: Engine, cache: AdapterCache) -> FastAPI:
 
     @app.post("/v1/adapters")
     async def add_adapter(body: AdapterBody) -> dict:
+        access.check_manage()
+        if not ADAPTER_NAME.fullmatch(body.name) or body.name == BASE:
+            raise APIError(400, "name: 1-64 letters, digits, '.', '_' or '-', not 'base'", param="name")
+        if body.name in cache.names() and not body.replace:
+            raise APIError(409, f"an adapter named {body.name!r} exists: send replace: true", param="name")
+        source = access.source(body.source)
         try:
-            await asyncio.to_thread(cache.add, body.name, body.source)
-        except (AdapterError, ValueError) as e:
-            raise APIError(400, str(e), param="source") from e
+            await asyncio.to_thread(cache.add, body.name, source)
+        except (AdapterError, ValueError) as e:  # the details (paths, config values) go to the log, not the client
+            log.warning("adapter %r failed to load: %s", body.name, e)
+            raise APIError(
+                400, f"adapter {body.name!r} failed to load: not a valid adapter folder", param="source"
+            ) from e
         return {"id": body.name, "object": "model", "created": int(time.time()), "owned_by": "loraloom"}
 
     @app.delete("/v1/adapters/{name}")
     async def remove_adapter(name: str) -> dict:
+        access.check_manage()
         try:
             cache.remove(name)
         except UnknownAdapter as e:
@@ -276,7 +377,7 @@ def create_app(engine: Engine, cache: AdapterCache) -> FastAPI:
         prompts = [body.prompt] if isinstance(body.prompt, str) else body.prompt
         if len(prompts) != 1:
             raise APIError(400, "prompt: give one prompt per request (a string)", param="prompt")
-        ids = engine.tokenizer(prompts[0])["input_ids"]
+        ids = (await asyncio.to_thread(engine.tokenizer, prompts[0]))["input_ids"]  # off the event loop
         request = await service.admit(body, ids, default_max_tokens=16)
         return await service.respond(request, body, http, chat=False)
 
@@ -290,7 +391,7 @@ def create_app(engine: Engine, cache: AdapterCache) -> FastAPI:
             text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
         except Exception as e:  # a template may reject a conversation (e.g. roles out of order)
             raise APIError(400, f"messages: the chat template rejected them: {e}", param="messages") from e
-        ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+        ids = (await asyncio.to_thread(tokenizer, text, add_special_tokens=False))["input_ids"]
         request = await service.admit(body, ids, default_max_tokens=None)
         return await service.respond(request, body, http, chat=True)
 
@@ -337,6 +438,16 @@ class ServeOptions:
     """The base's precision: fp32, bf16, fp16, or auto (bf16 on GPUs that support it)."""
     gpus_per_replica: float = 0.0
     """Ray Serve: GPUs each replica asks for (fractional allowed)."""
+    api_key: str | None = None
+    """Every request must carry ``Authorization: Bearer API_KEY`` (``--api-key``, or LORALOOM_API_KEY)."""
+    allow_adapter_management: bool = False
+    """POST / DELETE /v1/adapters: off unless asked for."""
+    allow_path: tuple[str, ...] = ()
+    """Folders besides ``adapters`` that POSTed adapters may be loaded from."""
+    allow_hub: bool = False
+    """A POSTed source may be a hub id to download."""
+    max_body_mib: float = 8.0
+    """Larger request bodies are refused (413)."""
 
     def __post_init__(self) -> None:
         # Each component's own check, run here before the model loads.
@@ -349,6 +460,12 @@ class ServeOptions:
             check_adapter_name(name)
         if not 0 <= self.port < 65536:
             raise ValueError(f"--port must be in 0..65535, got {self.port}")
+        self.allow_path = tuple(self.allow_path)
+        for folder in self.allow_path:
+            if not Path(folder).is_dir():
+                raise ValueError(f"--allow-path {folder}: not a directory")
+        if not self.max_body_mib > 0:
+            raise ValueError(f"--max-body-mib must be positive, got {self.max_body_mib}")
         if self.ray_replicas < 0:
             raise ValueError(f"--ray-replicas must be >= 0, got {self.ray_replicas}")
 
@@ -359,7 +476,15 @@ def build_app(options: ServeOptions) -> FastAPI:
     for name, source in options.named.items():
         cache.add(name, source, load=False)
     model, tokenizer = load_base(options.base, "causal", device=options.device, dtype=options.dtype)
-    return create_app(Engine(model, tokenizer, max_batch=options.max_batch), cache)
+    roots = tuple(str(r) for r in ([options.adapters] if options.adapters else []) + list(options.allow_path))
+    access = Access(
+        api_key=options.api_key or None,
+        manage=options.allow_adapter_management,
+        roots=roots,
+        hub=options.allow_hub,
+        max_body_bytes=int(options.max_body_mib * 2**20),
+    )
+    return create_app(Engine(model, tokenizer, max_batch=options.max_batch), cache, access)
 
 
-__all__ = ["APIError", "ServeOptions", "named_adapters", "build_app", "create_app"]
+__all__ = ["APIError", "Access", "ServeOptions", "named_adapters", "build_app", "create_app"]

@@ -64,6 +64,7 @@ class AdapterCache:
         self.limit_bytes = int(limit_mib * 2**20)
         self.dtype = dtype
         self.sources: dict[str, str] = {}  # registered with add(): name -> folder or hub id
+        self.hidden: set[str] = set()  # folders of the adapters directory that remove() took out of service
         # ("adapter", name) -> LoraWeights and ("bank", names) -> ModuleBank, least recently used first
         self._lru: OrderedDict[tuple, tuple[LoraWeights | ModuleBank, int]] = OrderedDict()
         self._lock = threading.RLock()
@@ -75,14 +76,14 @@ class AdapterCache:
         """Every adapter that can be served: registered ones and the adapters directory's subfolders."""
         found = set(self.sources)
         if self.adapters_dir is not None:
-            found |= {p.parent.name for p in self.adapters_dir.glob(f"*/{CONFIG_NAME}")}
+            found |= {p.parent.name for p in self.adapters_dir.glob(f"*/{CONFIG_NAME}")} - self.hidden
         return sorted(found)
 
     def source(self, name: str) -> str:
         """The folder or hub id behind ``name``; ``UnknownAdapter`` if there is none."""
         if name in self.sources:
             return self.sources[name]
-        if self.adapters_dir is not None and _plain_name(name):
+        if self.adapters_dir is not None and _plain_name(name) and name not in self.hidden:
             folder = self.adapters_dir / name
             if (folder / CONFIG_NAME).is_file():
                 return str(folder)
@@ -92,6 +93,7 @@ class AdapterCache:
         """Register ``source`` (folder or hub id) as ``name``; by default load it now so errors show at once."""
         check_adapter_name(name)
         with self._lock:
+            self.hidden.discard(name)
             old = self.sources.get(name)
             self.sources[name] = str(source)
             self._drop(name)
@@ -106,11 +108,13 @@ class AdapterCache:
                     raise
 
     def remove(self, name: str) -> None:
-        """Forget ``name`` (its folder in the adapters directory, if any, stays and can be loaded again)."""
+        """Stop serving ``name``: forgotten, and a folder of the adapters directory is hidden (its files stay)
+        until ``add`` registers the name again."""
         with self._lock:
             if name not in self.sources and ("adapter", name) not in self._lru:
                 self.source(name)  # raises UnknownAdapter for a name never seen
             self.sources.pop(name, None)
+            self.hidden.add(name)
             self._drop(name)
 
     def _drop(self, name: str) -> None:

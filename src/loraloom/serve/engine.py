@@ -53,6 +53,8 @@ class SamplingParams:
             raise ValueError(f"temperature must be in [0, 2], got {self.temperature!r}")
         if not 0.0 < self.top_p <= 1.0:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p!r}")
+        if self.seed is not None and (isinstance(self.seed, bool) or not 0 <= self.seed < 2**63):
+            raise ValueError(f"seed must be an integer in [0, 2**63), got {self.seed!r}")
         if len(self.stop) > 4 or any(not s for s in self.stop):
             raise ValueError("stop: at most 4 non-empty strings")
 

@@ -7,9 +7,13 @@ from __future__ import annotations
 
 from .app import ServeOptions, build_app
 
+LOOPBACK = ("127.0.0.1", "localhost", "::1")
+
 
 def serve(options: ServeOptions) -> None:
     """Run the server until interrupted (``options.ray_replicas`` >= 1: with Ray Serve)."""
+    if options.host not in LOOPBACK and not options.api_key:
+        print(f"loraloom: warning: serving on {options.host} without --api-key: anyone who reaches it can use it")
     if options.ray_replicas:
         from .replicas import serve_replicas
 
