@@ -231,6 +231,7 @@ def train(
         desc=f"train {kind.lower()}", progress=progress,
     )  # fmt: skip
     model.eval()
+    check_converging(losses, optimizer)
 
     out = Path(output_dir) if output_dir is not None else None
     if out is not None:
@@ -250,6 +251,16 @@ def train(
         task=task,
         label2id=label2id,
     )
+
+
+def check_converging(losses: list[float], optimizer: torch.optim.Optimizer) -> None:
+    """ValueError naming the step if a loss is NaN or inf: a run that diverged is not worth saving."""
+    bad = next((i for i, loss in enumerate(losses) if not math.isfinite(loss)), None)
+    if bad is not None:
+        raise ValueError(
+            f"training diverged: the loss is {losses[bad]} at step {bad + 1} of {len(losses)} "
+            f"(lr {optimizer.param_groups[0]['base_lr']:g}); nothing was saved. Try a smaller --lr"
+        )
 
 
 def adamw_for(model: nn.Module, kind: str, args: TrainArgs) -> torch.optim.Optimizer:

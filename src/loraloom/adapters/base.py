@@ -115,6 +115,8 @@ class AdapterConfig:
                     f"{source}: field {key!r} is not a field of PEFT's {cls.__name__} that loraloom knows; ignored",
                     stacklevel=2,
                 )
+        for key, value in kwargs.items():
+            check_json_type(fields[key], value, source)
         try:
             return cls(**kwargs)
         except AdapterError as e:
@@ -142,6 +144,25 @@ class AdapterConfig:
     def prepare_loaded(self, layer: AdapterLayer) -> None:
         """Called for each layer after saved weights are loaded into it: what PEFT does to the base at load
         time for this config (LoRA's PiSSA/OLoRA re-derive the residual base weight). Nothing by default."""
+
+
+def check_json_type(spec: dataclasses.Field, value: Any, source: str) -> None:
+    """A config field read from JSON has its declared type: "16" is not a number and "false" is not a boolean
+    (a non-empty string would switch a flag on); numbers are finite. The error names the field."""
+    kinds = {part.strip() for part in str(spec.type).split("|")}
+    shown = repr(value) if len(repr(value)) <= 40 else repr(value)[:37] + "..."
+    if value is None and "None" in kinds:
+        return
+    if kinds == {"bool"}:
+        if not isinstance(value, bool):
+            raise AdapterError(f"{source}: field {spec.name!r} must be true or false, got {shown}")
+    elif kinds - {"None"} and kinds - {"None"} <= {"int", "float"}:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise AdapterError(f"{source}: field {spec.name!r} must be a number, got {shown}")
+        if not math.isfinite(value):
+            raise AdapterError(f"{source}: field {spec.name!r} must be finite, got {shown}")
+        if "float" not in kinds and not float(value).is_integer():
+            raise AdapterError(f"{source}: field {spec.name!r} must be an integer, got {shown}")
 
 
 def layer_dims(base_layer: nn.Module) -> tuple[int, int]:

@@ -11,6 +11,7 @@ Same numbers as PEFT (positions, scaling, 1/(d_out·d_in) normalisation), less w
 from __future__ import annotations
 
 import functools
+import math
 from dataclasses import dataclass, field
 from typing import ClassVar
 
@@ -46,6 +47,12 @@ class FourierFTConfig(AdapterConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        if (
+            isinstance(self.scaling, bool)
+            or not isinstance(self.scaling, (int, float))
+            or not math.isfinite(self.scaling)
+        ):
+            raise AdapterError(f"FourierFTConfig.scaling must be a finite number, got {self.scaling!r}")
         for name, n in [("n_frequency", self.n_frequency), *self.n_frequency_pattern.items()]:
             if not isinstance(n, int) or isinstance(n, bool) or n < 1:
                 raise AdapterError(f"FourierFTConfig: n_frequency for {name!r} must be a positive integer, got {n!r}")

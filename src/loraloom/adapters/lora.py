@@ -114,6 +114,14 @@ class LoraConfig(AdapterConfig):
             raise AdapterError(f"LoraConfig.r must be a positive integer, got {self.r!r}")
         if not 0.0 <= self.lora_dropout < 1.0:
             raise AdapterError(f"LoraConfig.lora_dropout must be in [0, 1), got {self.lora_dropout!r}")
+        for name in ("rank_pattern", "alpha_pattern"):
+            pattern = getattr(self, name)
+            if not isinstance(pattern, dict) or not all(isinstance(k, str) for k in pattern):
+                raise AdapterError(f"LoraConfig.{name} must map module patterns to numbers, got {pattern!r:.60}")
+        alphas = {"lora_alpha": self.lora_alpha, **{f"alpha_pattern[{k!r}]": v for k, v in self.alpha_pattern.items()}}
+        for name, value in alphas.items():  # a NaN or inf alpha loads, then makes every output NaN
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+                raise AdapterError(f"LoraConfig.{name} must be a finite number, got {value!r}")
         if self.bias not in ("none", "all", "lora_only"):
             raise AdapterError(f"LoraConfig.bias must be 'none', 'all' or 'lora_only', got {self.bias!r}")
         init = self.init_lora_weights
@@ -223,7 +231,11 @@ def lora_delta(lora_A: torch.Tensor, lora_B: torch.Tensor, scaling: float) -> to
 
 
 def lora_forward(
-    x: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor, scaling: float = 1.0, add_to: torch.Tensor | None = None
+    x: torch.Tensor,
+    lora_A: torch.Tensor,
+    lora_B: torch.Tensor,
+    scaling: float = 1.0,
+    add_to: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """s·B·A·x (plus ``add_to``): the one LoRA forward, for the layer, LoraHub's composition and the server.
 
@@ -435,9 +447,7 @@ class LoraConv2d(LoraLayer):
                 f"LoRA on Conv2d needs groups=1, dilation=1 and padding_mode='zeros'; this layer has "
                 f"groups={base.groups}, dilation={base.dilation}, padding_mode={base.padding_mode!r}"
             )
-        self.lora_A = nn.Conv2d(
-            self.in_features, r, base.kernel_size, base.stride, base.padding, bias=False, **factory
-        )
+        self.lora_A = nn.Conv2d(self.in_features, r, base.kernel_size, base.stride, base.padding, bias=False, **factory)
         self.lora_B = nn.Conv2d(r, self.out_features, 1, bias=False, **factory)
 
     def lora_matrices(self) -> tuple[torch.Tensor, torch.Tensor]:
