@@ -130,3 +130,27 @@ def test_non_lora_tensor_is_refused(tmp_path):
 def test_not_lora_and_missing_folder(tmp_path):
     with pytest.raises(AdapterError, match="not a local folder"):
         load_bank([tmp_path / "missing"])
+
+
+@pytest.mark.parametrize(
+    ("config", "field"),
+    [
+        ({"init_lora_weights": "pissa"}, "init_lora_weights='pissa'"),
+        ({"init_lora_weights": "olora"}, "init_lora_weights='olora'"),
+        ({"use_dora": True}, "use_dora"),
+        ({"lora_bias": True}, "lora_bias"),
+    ],
+)
+def test_modules_whose_update_is_not_s_b_a_on_the_stored_base_are_refused_by_name(tmp_path, config, field):
+    """Issue 17: a PiSSA module composed as if it were plain LoRA was 0.11 off; now one error names it."""
+    import loraloom as ll
+    from loraloom.serve import AdapterCache
+
+    model = tiny_t5()
+    plain = make_modules(model, tmp_path / "pool", 1)[0]
+    odd = ll.add_adapter(tiny_t5(), ll.LoraConfig(r=4, lora_alpha=8, target_modules=["q", "v"], **config), verbose=False)
+    ll.save_adapter(odd, tmp_path / "pool" / "odd")
+    with pytest.raises(ll.AdapterError, match=rf"module .*odd: {field}"):
+        load_bank([plain, tmp_path / "pool" / "odd"])
+    with pytest.raises(ll.AdapterError, match=field):  # the server reads modules through the same bank
+        AdapterCache(tmp_path / "pool").get("odd")

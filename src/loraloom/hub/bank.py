@@ -18,7 +18,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..adapters.base import ADAPTABLE_LAYERS, AdapterError, layer_dims
-from ..adapters.lora import LoraConfig, lora_scaling
+from ..adapters.lora import INIT_BASE_CHANGED_ELSEWHERE, LoraConfig, is_pissa, lora_scaling
 from ..adapters.peft_format import KEY_PREFIX, normalise_key, read_adapter
 
 # <prefix><layer path>.lora_A.weight / .lora_B.weight
@@ -186,6 +186,22 @@ def list_pool(pool: str | os.PathLike) -> list[str]:
     return folders
 
 
+def check_composable(name: str | os.PathLike, config: LoraConfig) -> None:
+    """One error naming the module and the field when its update is not (alpha/r)·B·A on the stored base:
+    Σw·A, Σw·B of such modules would be composed against the wrong base (PiSSA, OLoRA, LoftQ, CorDA leave a
+    residual base of their own) or without their magnitude (DoRA) or bias (lora_bias)."""
+    init = config.init_lora_weights
+    if is_pissa(init) or init == "olora" or init in INIT_BASE_CHANGED_ELSEWHERE:
+        why = f"init_lora_weights={init!r}: it was trained on a residual base, not the stored one"
+    elif config.use_dora:
+        why = "use_dora=true: DoRA rescales each output channel, which a sum of A and B cannot carry"
+    elif config.lora_bias:
+        why = "lora_bias=true: its bias in lora_B is not part of B·A"
+    else:
+        return
+    raise AdapterError(f"module {name}: {why}; LoraHub composes plain LoRA modules (merge this one into a base first)")
+
+
 def load_bank(
     modules: Sequence[str | os.PathLike],
     *,
@@ -215,6 +231,7 @@ def load_bank(
         config, tensors, _ = read_adapter(name)
         if not isinstance(config, LoraConfig):
             raise AdapterError(f"module {name}: peft_type {config.peft_type!r}; LoraHub composes LORA modules")
+        check_composable(name, config)
         layers = _split_keys(tensors, name)
         if first_config is None:
             first_config, first_layers = config, layers
