@@ -109,3 +109,24 @@ def test_a_body_over_the_limit_is_refused_before_it_is_read(world):
         big = c.post("/v1/completions", json={"model": "base", "prompt": "ant " * 1000, "max_tokens": 1})
         assert big.status_code == 413
         assert completion(c).status_code == 200
+
+
+def test_health_model_cards_strict_types_and_unsupported_fields(world):
+    with client(world) as c:
+        assert c.get("/health").json() == {"status": "ok"}
+        assert c.get("/v1/models/m00").json()["parent"] == "base" and c.get("/v1/models/base").json()["parent"] is None
+        assert c.get("/v1/models/nope").status_code == 404
+        loose = completion(c, max_tokens="3")  # a string where a number goes
+        assert loose.status_code == 400 and "max_tokens" in loose.json()["error"]["message"]
+        assert completion(c, stream="yes").status_code == 400
+        for field, value in [("logprobs", 2), ("presence_penalty", 0.5), ("logit_bias", {"1": 5}), ("echo", True)]:
+            unsupported = completion(c, **{field: value})  # not implemented: refused by name, never dropped
+            assert unsupported.status_code == 400 and field in unsupported.json()["error"]["message"], field
+        newer = completion(c, max_tokens=None, max_completion_tokens=2, temperature=0)
+        assert newer.status_code == 200 and newer.json()["usage"]["completion_tokens"] <= 2
+
+
+def test_every_eos_id_of_generation_config_stops_generation(world):
+    model, tok = load_base(str(world / "base"), "causal")
+    model.generation_config.eos_token_id = [tok.eos_token_id or 0, 7, 9]  # a chat model's several end ids
+    assert {7, 9} <= Engine(model, tok).eos_ids

@@ -59,10 +59,13 @@ class APIError(Exception):
 
 
 class _Generation(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    # strict: "3" is not a number, and a field this server does not implement is a 400 naming it, never dropped
+    model_config = ConfigDict(extra="forbid", strict=True)
 
     model: str
     max_tokens: int | None = None  # sampling values are checked once, by SamplingParams
+    max_completion_tokens: int | None = None  # the newer name of max_tokens
+    user: str | None = None  # an end-user id for the log; no effect on the output
     temperature: float = 1.0
     top_p: float = 1.0
     n: int = Field(1, ge=1, le=1)
@@ -183,6 +186,18 @@ class _Service:
 
     def __init__(self, engine: Engine, cache: AdapterCache) -> None:
         self.engine, self.cache, self.scheduler = engine, cache, Scheduler(engine)
+        self.created = int(time.time())
+
+    @asynccontextmanager
+    async def lifespan(self, app: FastAPI):
+        self.scheduler.start()
+        yield
+        await self.scheduler.stop()
+
+    def card(self, name: str) -> dict:
+        """A model's entry in /v1/models: an adapter's parent is the base model (vLLM's field)."""
+        parent = None if name == BASE else BASE
+        return {"id": name, "object": "model", "created": self.created, "owned_by": "loraloom", "parent": parent}
 
     def fits(self, adapter: LoraWeights) -> LoraWeights:
         """``adapter``, checked against the base's layer shapes before it joins a batch (AdapterError if not):
@@ -193,7 +208,8 @@ class _Service:
     async def admit(self, body: _Generation, ids: list[int], default_max_tokens: int | None) -> Request:
         self.scheduler.start()  # idempotent: for hosts that skip the lifespan events
         adapter = await self.adapter_for(body)
-        max_tokens = body.max_tokens if body.max_tokens is not None else default_max_tokens
+        given = body.max_tokens if body.max_tokens is not None else body.max_completion_tokens
+        max_tokens = given if given is not None else default_max_tokens
         if max_tokens is None:  # chat: up to the end of the context
             max_tokens = max(1, (self.engine.max_positions or len(ids) + 256) - len(ids))
         try:
@@ -324,27 +340,25 @@ def create_app(engine: Engine, cache: AdapterCache, access: Access | None = None
     access = access or Access()
     service = _Service(engine, cache)
     scheduler = service.scheduler
-    created = int(time.time())
-
-    @asynccontextmanager
-    async def lifespan(app: FastAPI):
-        scheduler.start()
-        yield
-        await scheduler.stop()
-
-    app = FastAPI(title="loraloom", lifespan=lifespan)
+    app = FastAPI(title="loraloom", lifespan=service.lifespan)
     app.add_middleware(Guard, access=access)
     app.state.scheduler, app.state.cache, app.state.engine = scheduler, cache, engine
-
     add_error_handlers(app)
+    card = service.card
+
+    @app.get("/health")
+    async def health() -> dict:
+        return {"status": "ok"}
 
     @app.get("/v1/models")
     async def models() -> dict:
-        names = [BASE, *cache.names()]
-        return {
-            "object": "list",
-            "data": [{"id": n, "object": "model", "created": created, "owned_by": "loraloom"} for n in names],
-        }
+        return {"object": "list", "data": [card(n) for n in [BASE, *cache.names()]]}
+
+    @app.get("/v1/models/{name}")
+    async def model(name: str) -> dict:
+        if name != BASE and name not in cache.names():
+            raise APIError(404, f"the model {name!r} does not exist", param="model", code="model_not_found")
+        return card(name)
 
     @app.post("/v1/adapters")
     async def add_adapter(body: AdapterBody) -> dict:

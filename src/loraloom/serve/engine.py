@@ -123,8 +123,12 @@ class Engine:
         self.multi = MultiLora(model)
         self.device = next(model.parameters()).device
         self.max_positions = max_positions(model)
-        eos = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else model.config.eos_token_id
-        self.eos_ids = set(eos if isinstance(eos, list) else [eos]) - {None}
+        # Every end-of-sequence id the model names: the tokenizer's, the config's and generation_config's (a
+        # chat model often lists several there, e.g. end-of-turn beside end-of-text).
+        self.eos_ids: set[int] = set()
+        generation = getattr(model, "generation_config", None)
+        for eos in (tokenizer.eos_token_id, model.config.eos_token_id, getattr(generation, "eos_token_id", None)):
+            self.eos_ids |= set(eos if isinstance(eos, list) else [eos]) - {None}
         pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else next(iter(self.eos_ids), 0)
         self.pad_id = pad
         # The running batch: rows, their KV cache, attention mask (rows x columns fed) and next input token.
