@@ -14,9 +14,9 @@ from tiny_models import FACTORIES
 
 import loraloom as ll
 from loraloom.adapters.base import AdapterError
+from loraloom.hub.bank import load_bank
 from loraloom.hub.combine import HOWS, SVD_OPS, CombineSettings, combine
 from loraloom.hub.compose import Composition
-from loraloom.hub.bank import load_bank
 
 TARGETS = {"t5": ["q", "v"], "llama": ["q_proj", "v_proj"], "gpt2": ["c_attn"]}
 WEIGHTS = [0.7, -0.4, 1.3]
