@@ -213,9 +213,7 @@ def test_residual_init_modules_combined_exactly(tmp_path, init):
         combine(paths, WEIGHTS[:2], "cat")
 
 
-@pytest.mark.parametrize(
-    ("init", "why"), [("pissa_niter_4", "randomised SVD"), ("loftq", "LoftQ"), ("corda", "CorDA")]
-)
+@pytest.mark.parametrize(("init", "why"), [("pissa_niter_4", "randomised SVD"), ("loftq", "LoftQ"), ("corda", "CorDA")])
 def test_underivable_inits_refused(tmp_path, init, why):
     paths = make_modules(tmp_path, "t5", n=1)
     config_file = paths[0] / "adapter_config.json"
