@@ -22,6 +22,7 @@ from .data import DataError, Example, load_examples
 from .evaluate import EvalResult, evaluate, generate
 from .harness import experiment, report
 from .hub import LoraHubResult, SearchSettings, lorahub
+from .hub.combine import combine
 from .train import TrainResult, train
 
 __version__ = "0.1.0"
@@ -39,6 +40,7 @@ __all__ = [
     "SearchSettings",
     "TrainResult",
     "add_adapter",
+    "combine",
     "count_parameters",
     "evaluate",
     "experiment",
