@@ -117,12 +117,16 @@ class AdapterConfig:
                 )
         for key, value in kwargs.items():
             check_json_type(fields[key], value, source)
+        from .schema import check_fields  # schema imports this module
+
+        check_fields(kwargs, source)
         try:
-            return cls(**kwargs)
+            config = cls(**kwargs)
         except AdapterError as e:
             raise AdapterError(f"{source}: {e}") from e
         except (TypeError, ValueError) as e:
             raise AdapterError(f"{source}: {e}") from e
+        return config
 
     def fill_model_defaults(self, model_type: str | None) -> None:
         """Fill fields left unset whose PEFT default depends on the model type (each type's own table).

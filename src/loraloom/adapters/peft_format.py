@@ -125,6 +125,8 @@ def read_json_object(file: Path) -> dict:
         d = json.loads(text)
     except json.JSONDecodeError as e:
         raise AdapterError(f"{file}: not valid JSON ({e})") from e
+    except RecursionError:  # JSON nested thousands of levels deep
+        raise AdapterError(f"{file}: JSON nested too deeply") from None
     if not isinstance(d, dict):
         raise AdapterError(f"{file}: expected a JSON object")
     return d
