@@ -17,11 +17,10 @@ import torch
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
+from .errors import AdapterError
+from .schema import check_fields
+
 ADAPTABLE_LAYERS = (nn.Linear, Conv1D)
-
-
-class AdapterError(ValueError):
-    """Bad adapter input: a config field, a file, a layer or a shape that does not fit."""
 
 
 # PeftConfig fields every adapter_config.json may carry that change nothing loraloom computes. They are
@@ -117,7 +116,6 @@ class AdapterConfig:
                 )
         for key, value in kwargs.items():
             check_json_type(fields[key], value, source)
-        from .schema import check_fields  # schema imports this module
 
         check_fields(kwargs, source)
         try:

@@ -11,7 +11,7 @@ import math
 import re
 from typing import Any
 
-from .base import AdapterError
+from .errors import AdapterError
 
 MAX_PATTERNS = 10_000  # more module names than any real model has; a 1M-entry list is an attack, not a config
 
