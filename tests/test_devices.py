@@ -138,11 +138,12 @@ def test_composition_serving_rows_and_fourierft_cache_follow_the_model_device(tm
 
     model = tiny_t5()
     bank = load_bank(make_modules(model, tmp_path, 2))
-    meta = tiny_t5().to("meta")  # the bank is read on the CPU: everything the layers make must land on meta
+    meta = tiny_t5().to("meta", torch.bfloat16)  # the bank is read on the CPU in fp32: the layers must follow
     composition = Composition(meta, bank)
     composition.set_weights([0.5, 0.5])
     layer = next(iter(composition.layers.values()))
-    assert layer.A_hat.device.type == "meta" and layer(torch.zeros(2, 3, layer.in_features, device="meta")).is_meta
+    out = layer(torch.zeros(2, 3, layer.in_features, device="meta", dtype=torch.bfloat16))
+    assert layer.A_hat.is_meta and out.is_meta and out.dtype == torch.bfloat16  # w is composed in fp32 on purpose
     composition.remove()
 
     llama = tiny_llama()
@@ -152,10 +153,11 @@ def test_composition_serving_rows_and_fourierft_cache_follow_the_model_device(tm
     rows = [m for m in multi.layers.values() if m.A is not None]
     assert rows and all(m.A.is_meta and m.A.dtype == torch.bfloat16 for m in rows)
 
-    fourier = ll.add_adapter(tiny_t5().to("meta"), ll.FourierFTConfig(n_frequency=50), verbose=False)
+    fourier = ll.add_adapter(tiny_t5().to("meta", torch.bfloat16), ll.FourierFTConfig(n_frequency=50), verbose=False)
     name, ff = next(iter(adapter_layers(fourier)))
     ff.eval()
-    assert all(b.is_meta for b in ff.buffers()) and ff(torch.zeros(1, 2, ff.in_features, device="meta")).is_meta
+    out = ff(torch.zeros(1, 2, ff.in_features, device="meta", dtype=torch.bfloat16))
+    assert all(b.is_meta for b in ff.buffers()) and out.is_meta and out.dtype == torch.bfloat16
 
 
 @pytest.mark.slow
