@@ -8,7 +8,6 @@ no model is built and nothing is deep-copied. The bank is read-only: composition
 from __future__ import annotations
 
 import os
-import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,11 +18,10 @@ from tqdm.auto import tqdm
 
 from ..adapters.base import ADAPTABLE_LAYERS, AdapterError, layer_dims
 from ..adapters.lora import INIT_BASE_CHANGED_ELSEWHERE, LoraConfig, is_pissa, lora_scaling
-from ..adapters.peft_format import KEY_PREFIX, normalise_key, read_adapter
+from ..adapters.peft_format import KEY_PREFIX, read_adapter
+from .modules import split_lora_tensors
 
 # <prefix><layer path>.lora_A.weight / .lora_B.weight
-_LORA_KEY = re.compile(rf"^{re.escape(KEY_PREFIX)}(?P<layer>.+)\.lora_(?P<which>[AB])\.weight$")
-
 # Config fields that must agree across modules for a weighted sum of their A and B to mean anything.
 _SHARED_FIELDS = ("r", "lora_alpha", "use_rslora", "rank_pattern", "alpha_pattern")
 
@@ -158,20 +156,12 @@ def _weighted_sum(w: torch.Tensor, stacked: torch.Tensor) -> torch.Tensor:
 
 
 def _split_keys(tensors: dict[str, torch.Tensor], name: str) -> dict[str, dict[str, torch.Tensor]]:
-    """{layer path: {"A": tensor, "B": tensor}} from a module's PEFT-keyed tensors."""
-    layers: dict[str, dict[str, torch.Tensor]] = {}
-    for key, t in tensors.items():
-        m = _LORA_KEY.match(normalise_key(key))
-        if m is None:
-            raise AdapterError(
-                f"module {name}: tensor {key!r} is not a LoRA A/B weight; LoraHub composes plain LoRA modules "
-                "(no modules_to_save, biases or embeddings)"
-            )
-        layers.setdefault(m["layer"], {})[m["which"]] = t
-    for layer, ab in layers.items():
-        if set(ab) != {"A", "B"}:
-            missing = "lora_B" if "A" in ab else "lora_A"
-            raise AdapterError(f"module {name}: layer {layer!r} has no {missing} weight")
+    """{layer path: {"A": tensor, "B": tensor}} from a module's PEFT-keyed tensors; plain LoRA only."""
+    layers = split_lora_tensors(name, tensors)
+    for layer, parts in layers.items():
+        extra = sorted(set(parts) - {"A", "B"})
+        if extra:  # a bias or DoRA magnitude whose config did not say so: not part of B·A either
+            raise AdapterError(f"module {name}: layer {layer!r} also holds {extra}; LoraHub composes plain LoRA")
     return layers
 
 

@@ -116,7 +116,7 @@ def check_composable(name: str, config: LoraConfig, base_model: nn.Module | None
         )
 
 
-def _split(name: str, tensors: dict[str, torch.Tensor]) -> dict[str, dict[str, torch.Tensor]]:
+def split_lora_tensors(name: str, tensors: dict[str, torch.Tensor]) -> dict[str, dict[str, torch.Tensor]]:
     """{layer: {"A", "B"[, "bias", "magnitude"]: tensor}} from PEFT-keyed tensors; anything else refused."""
     layers: dict[str, dict[str, torch.Tensor]] = {}
     for key, t in tensors.items():
@@ -163,7 +163,7 @@ def module_from_tensors(
     """A module's exact terms from its config and PEFT-keyed tensors (see the module docstring)."""
     check_composable(name, config, base_model)
     layers = {}
-    for layer, parts in _split(name, tensors).items():
+    for layer, parts in split_lora_tensors(name, tensors).items():
         r, alpha = config.rank_and_alpha(layer)
         A, B = parts["A"], parts["B"]
         if A.shape[0] != r or B.shape[1] != r:
