@@ -27,6 +27,7 @@ from .evaluate import evaluate
 from .harness import DEFAULT_METHODS, METHODS, ExperimentSettings, experiment, load_results, report
 from .hub import DEFAULT_MODE, DEFAULT_OPTIMIZER, DEFAULT_POPULATION, MODES, SearchSettings, list_pool, lorahub
 from .hub.objective import FORMULAS
+from .hub.result import MERGED_DIR
 from .hub.search import DEFAULT_BUDGETS, OptimizerError
 from .hub.select import DEFAULT_NUM
 from .hub.select import METHODS as SELECT_METHODS
@@ -233,8 +234,8 @@ def cmd_compose(args: argparse.Namespace) -> int:
     )
     print(f"wrote {out}/adapter, weights.json, trace.csv, trace.png")
     if args.merge and not result.interrupted:
-        save_full_model(result.merge(), tokenizer, out / "merged")
-        print(f"merged the composed module into the base: wrote {out / 'merged'}")
+        save_full_model(result.merge(), tokenizer, out / MERGED_DIR)
+        print(f"merged the composed module into the base: wrote {out / MERGED_DIR}")
     return 130 if result.interrupted else 0 if result.complete else 1
 
 

@@ -45,6 +45,12 @@ FULL = "full"  # adapter="full": every parameter trains, no adapter layers
 # ``default_lr``: LoRA 2e-4, the paper's; IA3 3e-3, T-Few's; FourierFT 5e-2, mid-range of its paper's).
 # Tiny models and tiny data often want more: pass lr=.
 FULL_LR = 3e-5
+# What save_pretrained of a model and its tokenizer writes: a new save replaces all of an older one.
+TRANSFORMERS_FILES = (
+    "*.safetensors", "*.bin", "*.safetensors.index.json", "*.bin.index.json", "config.json",
+    "generation_config.json", "tokenizer*", "special_tokens_map.json", "added_tokens.json", "vocab*",
+    "merges.txt", "spiece.model", "chat_template.*",
+)
 
 
 @dataclass
@@ -99,7 +105,7 @@ def lr_factor(step: int, total_steps: int, warmup_steps: int) -> float:
 def save_full_model(model: nn.Module, tokenizer: Any, out_dir: str | os.PathLike) -> Path:
     """A normal transformers folder, written whole into a temp folder beside it and swapped in."""
     out_dir = Path(out_dir)
-    with atomic_folder(out_dir) as tmp:
+    with atomic_folder(out_dir, owns=TRANSFORMERS_FILES) as tmp:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
     return out_dir

@@ -45,7 +45,7 @@ def write_adapter_folder(out_dir: str | os.PathLike, config: AdapterConfig, tens
     out = Path(out_dir)
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
     text = json.dumps(config.to_dict(), indent=2, sort_keys=True) + "\n"
-    with atomic_folder(out) as tmp:
+    with atomic_folder(out, owns=(WEIGHTS_NAME, LEGACY_WEIGHTS_NAME, CONFIG_NAME)) as tmp:
         save_file(tensors, tmp / WEIGHTS_NAME, metadata={"format": "pt"})
         (tmp / CONFIG_NAME).write_text(text)
     return out

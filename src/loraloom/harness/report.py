@@ -153,7 +153,7 @@ def report(run_dir: str | os.PathLike, *, plots: bool = True) -> Path:
     results, info = load_results(run_dir)
     plot_files: list[str] = []
     if plots:  # the folder is swapped in whole: no plot of an earlier report survives beside new ones
-        with atomic_folder(run_dir / PLOTS_DIR, whole=True) as tmp:
+        with atomic_folder(run_dir / PLOTS_DIR, owns=("*.png",)) as tmp:
             plot_files = write_plots(results, tmp)
     text = report_markdown(results, info, plot_files)
     atomic_write(run_dir / RESULTS_CSV, lambda t: Path(t).write_text(results.to_csv(), encoding="utf-8"))

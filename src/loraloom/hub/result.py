@@ -29,6 +29,9 @@ from .search import Evaluation
 from .select import Selection
 
 ADAPTER_DIR, WEIGHTS_FILE, TRACE_CSV, TRACE_PNG = "adapter", "weights.json", "trace.csv", "trace.png"
+MERGED_DIR = "merged"  # written by `loraloom compose --merge` after the save
+# A save replaces all of an earlier result, so no folder mixes two (a stale trace.png or merged/).
+RESULT_ENTRIES = (ADAPTER_DIR, WEIGHTS_FILE, TRACE_CSV, TRACE_PNG, MERGED_DIR)
 
 
 @dataclass
@@ -102,7 +105,7 @@ class LoraHubResult:
         """Write adapter/, weights.json, trace.csv and (if ``plot``) trace.png into ``out_dir``."""
         out = Path(out_dir)
         text = json.dumps(self.to_dict(), indent=2, default=str) + "\n"
-        with atomic_folder(out) as tmp:  # the files go in together: never new weights beside an old trace
+        with atomic_folder(out, owns=RESULT_ENTRIES) as tmp:  # the files go in together: never new weights beside an old trace
             self.save_adapter(tmp / ADAPTER_DIR)
             (tmp / WEIGHTS_FILE).write_text(text)
             (tmp / TRACE_CSV).write_text(trace_csv(self.trace, self.modules))

@@ -44,6 +44,7 @@ from .base import build_demo_t5, train_tokenizer  # the tokenizer the LoRA walk-
 
 ARTIFACTS = Path(__file__).parent / "artifacts"
 MANIFEST = "manifest.json"
+ZOO_ENTRIES = ("base", "modules", "tasks", MANIFEST)  # what a build writes: replaced whole, the rest left
 ZOO_VERSION = 1
 # The demo's held-out tasks and pool are the bare ones: the task is known only from the 5 examples. The
 # instructed held-out tasks ship too, but the base solves them zero-shot (it composes the instruction's
@@ -270,7 +271,7 @@ def save_base_fp16(model, tokenizer, out_dir: Path) -> None:
 
 def ship(out: Path, work: Path, base, tokenizer, settings: BuildSettings, base_scores, module_scores, seconds) -> None:
     """Write the artifacts folder next to ``out`` and swap it in (never a half-written zoo)."""
-    with atomic_folder(out, whole=True) as tmp:
+    with atomic_folder(out, owns=ZOO_ENTRIES) as tmp:
         # A freshly made tokenizer (the same vocabulary) saves without a loaded one's local-path fields.
         save_base_fp16(base, make_tokenizer(), tmp / "base")
         for name in module_scores:
