@@ -143,6 +143,11 @@ class AdapterConfig:
         """Initialisation that reads or rewrites the base weight (LoRA's PiSSA / OLoRA), run by ``add_adapter``
         once every layer is built, so that a layer refused on the way leaves no base weight changed."""
 
+    def check_file_shapes(self, shapes: dict[str, tuple[int, ...]], source: str) -> None:
+        """Check the sizes this config declares (a rank, a number of frequencies) against the weights file's
+        tensor shapes (PEFT keys, from the header) before any layer is allocated: a config of r=1e6 beside a
+        rank-8 file would otherwise allocate gigabytes before the shape check. Nothing to check by default."""
+
     def prepare_loaded(self, layer: AdapterLayer) -> None:
         """Called for each layer after saved weights are loaded into it: what PEFT does to the base at load
         time for this config (LoRA's PiSSA/OLoRA re-derive the residual base weight). Nothing by default."""

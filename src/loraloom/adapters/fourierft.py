@@ -67,6 +67,19 @@ class FourierFTConfig(AdapterConfig):
         if not self.target_modules and model_type in DEFAULT_FOURIERFT_TARGETS:
             self.target_modules = list(DEFAULT_FOURIERFT_TARGETS[model_type])
 
+    def check_file_shapes(self, shapes: dict[str, tuple[int, ...]], source: str) -> None:
+        suffix = ".fourierft_spectrum"
+        for key, shape in shapes.items():
+            if key.endswith(suffix):
+                name = key[len("base_model.model.") : -len(suffix)]
+                n = pattern_value(self.n_frequency_pattern, name, self.n_frequency)
+                if tuple(shape) != (n,):
+                    field = "n_frequency_pattern" if n != self.n_frequency else "n_frequency"
+                    raise AdapterError(
+                        f"{source}: tensor {key!r} has shape {tuple(shape)} but the config's {field!r} gives "
+                        f"layer {name!r} {n} frequencies"
+                    )
+
     def make_layer(self, name: str, base_layer: nn.Module) -> FourierFTLayer:
         n = pattern_value(self.n_frequency_pattern, name, self.n_frequency)
         return FourierFTLayer(base_layer, n, self.scaling, self.random_loc_seed, self.init_weights, name=name)

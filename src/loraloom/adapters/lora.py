@@ -159,6 +159,19 @@ class LoraConfig(AdapterConfig):
             pattern_value(self.alpha_pattern, module_name, self.lora_alpha),
         )
 
+    def check_file_shapes(self, shapes: dict[str, tuple[int, ...]], source: str) -> None:
+        for key, shape in shapes.items():
+            for suffix in (".lora_A.weight", ".lora_embedding_A"):
+                if key.endswith(suffix) and shape:
+                    name = key[len("base_model.model.") : -len(suffix)]
+                    rank = self.rank_and_alpha(name)[0]
+                    if shape[0] != rank:
+                        field = "rank_pattern" if rank != self.r else "r"
+                        raise AdapterError(
+                            f"{source}: tensor {key!r} has rank {shape[0]} but the config's {field!r} gives "
+                            f"layer {name!r} rank {rank}"
+                        )
+
     def make_layer(self, name: str, base_layer: nn.Module) -> LoraLayer:
         """A new layer; inits that read the base weight (PiSSA, OLoRA, orthogonal) follow in ``init_layer``."""
         init = self.init_lora_weights

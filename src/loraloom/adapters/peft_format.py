@@ -14,8 +14,8 @@ import os
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
 from torch import nn
 
 from ..files import atomic_folder
@@ -139,35 +139,93 @@ def read_config(folder: Path) -> AdapterConfig:
     return config_from_dict(read_json_object(file), str(file))
 
 
-def read_tensors(folder: Path) -> dict[str, torch.Tensor]:
-    """The adapter's tensors, checked to be finite; never unpickles."""
-    st, legacy = folder / WEIGHTS_NAME, folder / LEGACY_WEIGHTS_NAME
-    if st.is_file():
-        file = st
-        try:
-            tensors = load_file(st)
-        except (SafetensorError, OSError, ValueError) as e:
-            raise AdapterError(f"{st}: cannot read safetensors file (truncated or corrupted?): {e}") from e
-    elif legacy.is_file():
-        file = legacy
-        try:
-            tensors = torch.load(legacy, map_location="cpu", weights_only=True)
-        except Exception as e:  # weights_only refuses any pickle that is not plain tensors
-            raise AdapterError(f"{legacy}: cannot load safely with weights_only=True: {e}") from e
-        if not isinstance(tensors, dict) or not all(isinstance(v, torch.Tensor) for v in tensors.values()):
-            raise AdapterError(f"{legacy}: expected a dict of tensors")
+# Adapter weights are real floating tensors: quantized, sparse, fp8, complex or integer tensors are refused
+# by name before anything is read (safetensors dtype names, then torch's).
+SAFETENSORS_DTYPES = {"F16", "BF16", "F32", "F64"}
+TORCH_DTYPES = {torch.float16, torch.bfloat16, torch.float32, torch.float64}
+
+
+def weights_file(folder: Path) -> Path:
+    for name in (WEIGHTS_NAME, LEGACY_WEIGHTS_NAME):
+        if (folder / name).is_file():
+            return folder / name
+    raise AdapterError(f"{folder}: no {WEIGHTS_NAME} (or legacy {LEGACY_WEIGHTS_NAME})")
+
+
+def tensor_shapes(folder: Path) -> dict[str, tuple[int, ...]]:
+    """Each tensor's shape from the weights file's header, every key and dtype checked; no tensor is read
+    (a legacy .bin is memory-mapped where its format allows)."""
+    file = weights_file(folder)
+    if file.name == LEGACY_WEIGHTS_NAME:
+        return {k: tuple(t.shape) for k, t in _load_bin(file).items()}
+    try:
+        with safe_open(file, "pt") as f:
+            slices = {k: f.get_slice(k) for k in f.keys()}
+            for key, piece in slices.items():
+                if piece.get_dtype() not in SAFETENSORS_DTYPES:
+                    raise AdapterError(
+                        f"{file}: tensor {key!r} has dtype {piece.get_dtype()}; adapter weights must be one of "
+                        f"{sorted(SAFETENSORS_DTYPES)} (quantized, fp8 and complex tensors are not supported)"
+                    )
+            return {k: tuple(piece.get_shape()) for k, piece in slices.items()}
+    except (SafetensorError, OSError, ValueError) as e:
+        raise AdapterError(f"{file}: cannot read safetensors file (truncated or corrupted?): {e}") from e
+
+
+def read_tensors(folder: Path, keys: set[str] | None = None) -> dict[str, torch.Tensor]:
+    """The adapter's tensors (only ``keys`` when given), checked to be finite; never unpickles."""
+    file = weights_file(folder)
+    if file.name == LEGACY_WEIGHTS_NAME:
+        tensors = {k: t.clone() for k, t in _load_bin(file).items() if keys is None or k in keys}
     else:
-        raise AdapterError(f"{folder}: no {WEIGHTS_NAME} (or legacy {LEGACY_WEIGHTS_NAME})")
+        tensor_shapes(folder)  # every dtype checked before a byte of data is read
+        try:
+            with safe_open(file, "pt") as f:
+                tensors = {k: f.get_tensor(k) for k in f.keys() if keys is None or k in keys}
+        except (SafetensorError, OSError, ValueError) as e:
+            raise AdapterError(f"{file}: cannot read safetensors file (truncated or corrupted?): {e}") from e
     for key, t in tensors.items():
-        if t.is_floating_point() and not torch.isfinite(t).all():
-            raise AdapterError(f"{file}: tensor {key!r} holds NaN or inf values")
+        check_finite(t, f"{file}: tensor {key!r}")
+    return tensors
+
+
+def check_finite(t: torch.Tensor, what: str) -> None:
+    if not torch.isfinite(t).all():
+        raise AdapterError(f"{what} holds NaN or inf values")
+
+
+def _load_bin(file: Path) -> dict[str, torch.Tensor]:
+    """A legacy .bin through ``weights_only=True``: plain dense float tensors under string keys, or an error."""
+    try:
+        try:
+            tensors = torch.load(file, map_location="cpu", weights_only=True, mmap=True)
+        except RuntimeError as e:  # the pre-zip format cannot be mapped: read it whole
+            if "mmap" not in str(e):
+                raise
+            tensors = torch.load(file, map_location="cpu", weights_only=True)
+    except Exception as e:  # weights_only refuses any pickle that is not plain tensors
+        raise AdapterError(f"{file}: cannot load safely with weights_only=True: {e}") from e
+    if not isinstance(tensors, dict):
+        raise AdapterError(f"{file}: expected a dict of tensors, found {type(tensors).__name__}")
+    for key, t in tensors.items():
+        if not isinstance(key, str):
+            raise AdapterError(f"{file}: expected string keys, found {type(key).__name__} key {key!r:.40}")
+        if not isinstance(t, torch.Tensor):
+            raise AdapterError(f"{file}: {key!r} is a {type(t).__name__}, not a tensor")
+        if t.layout != torch.strided or t.is_quantized or t.dtype not in TORCH_DTYPES:
+            kind = "sparse" if t.layout != torch.strided else "quantized" if t.is_quantized else str(t.dtype)
+            raise AdapterError(
+                f"{file}: tensor {key!r} is {kind}; adapter weights must be dense float16/bfloat16/float32/float64"
+            )
     return tensors
 
 
 def read_adapter(path_or_id: str | os.PathLike) -> tuple[AdapterConfig, dict[str, torch.Tensor], Path]:
     """(config, PEFT-keyed tensors, folder) of an adapter folder or hub id."""
     folder = resolve_adapter_dir(path_or_id)
-    return read_config(folder), read_tensors(folder), folder
+    config = read_config(folder)
+    config.check_file_shapes(normalise_keys(tensor_shapes(folder)), str(weights_file(folder)))
+    return config, read_tensors(folder), folder
 
 
 def normalise_key(key: str) -> str:
@@ -181,19 +239,16 @@ def normalise_keys(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return {normalise_key(k): v for k, v in tensors.items() if ".original_module." not in k}
 
 
-def load_state_into(model: nn.Module, tensors: dict[str, torch.Tensor], source: str) -> None:
-    """Copy PEFT-keyed tensors into the model's adapter; every key and shape must match.
-
-    PEFT also saves the full base weight of a targeted embedding or output layer (``lm_head``,
-    ``embed_tokens``: the vocabulary may have been resized): such ``<layer>.base_layer.weight`` tensors of
-    adapted layers are copied into the base layer, as PEFT does.
-    """
+def expected_tensors(model: nn.Module, shapes: dict[str, tuple[int, ...]], source: str) -> dict[str, torch.Tensor]:
+    """The model's adapter tensors the file must fill, checked against the file's keys and shapes (from its
+    header: nothing read yet). PEFT also saves the full base weight of a targeted embedding or output layer
+    (``lm_head``, ``embed_tokens``: the vocabulary may have been resized): such ``<layer>.base_layer.weight``
+    tensors of adapted layers are copied into the base layer, as PEFT does."""
     expected = adapter_state_dict(model)
     adapted = {f"{KEY_PREFIX}{name}.base_layer.weight": layer for name, layer in adapter_layers(model)}
-    expected.update({k: adapted[k].base_layer.weight for k in tensors.keys() & adapted.keys()})
-    given = normalise_keys(tensors)
-    missing = sorted(set(expected) - set(given))
-    unexpected = sorted(set(given) - set(expected))
+    expected.update({k: adapted[k].base_layer.weight for k in shapes.keys() & adapted.keys()})
+    missing = sorted(set(expected) - set(shapes))
+    unexpected = sorted(set(shapes) - set(expected))
     if missing:
         raise AdapterError(
             f"{source}: missing tensor for layer {missing[0][len(KEY_PREFIX) :]!r} ({len(missing)} missing)"
@@ -204,41 +259,62 @@ def load_state_into(model: nn.Module, tensors: dict[str, torch.Tensor], source: 
             f"({len(unexpected)} unexpected; is the adapter for a different base model?)"
         )
     for key, target in expected.items():
-        t = given[key]
-        if t.shape != target.shape:
+        if tuple(shapes[key]) != tuple(target.shape):
             raise AdapterError(
-                f"{source}: layer {key[len(KEY_PREFIX) :]!r} has shape {tuple(t.shape)} in the file but the model "
-                f"expects {tuple(target.shape)} (adapter for a different base, or a rank mismatch with the config?)"
+                f"{source}: layer {key[len(KEY_PREFIX) :]!r} has shape {tuple(shapes[key])} in the file but the "
+                f"model expects {tuple(target.shape)} (adapter for a different base, or a rank mismatch with the config?)"
             )
+    return expected
+
+
+def load_state_into(model: nn.Module, tensors: dict[str, torch.Tensor], source: str) -> None:
+    """Copy PEFT-keyed tensors into the model's adapter; every key and shape must match, and every value be
+    finite in the model's dtype (a finite 1e300 in float64 is inf in float32)."""
+    given = normalise_keys(tensors)
+    expected = expected_tensors(model, {k: tuple(t.shape) for k, t in given.items()}, source)
+    cast = {key: given[key].to(target.dtype) for key, target in expected.items()}
+    for key, t in cast.items():
+        check_finite(t, f"{source}: tensor {key!r} (as {t.dtype})")
     with torch.no_grad():
         for key, target in expected.items():
-            target.copy_(given[key].to(target.dtype))
+            target.copy_(cast[key])
 
 
 def load_adapter(base_model: nn.Module, path_or_id: str | os.PathLike, *, verbose: bool = True) -> nn.Module:
     """Load a PEFT adapter folder (or hub id) into ``base_model``; the adapter type comes from peft_type.
 
-    The whole config is checked before the model is touched; on any error the base model is left as it was.
+    The config, and every key, dtype and shape of the weights file, are checked before a tensor is read or
+    a layer allocated. On any error the base model is left exactly as it was.
     """
-    config, tensors, folder = read_adapter(path_or_id)
-    source = str(folder)
+    folder = resolve_adapter_dir(path_or_id)
+    source, config = str(folder), read_config(folder)
+    raw_shapes = tensor_shapes(folder)
+    shapes = normalise_keys(raw_shapes)
+    config.check_file_shapes(shapes, str(weights_file(folder)))  # a rank of 1e6 fails here, before allocating
     if getattr(base_model, CONFIG_ATTR, None) is not None:
         raise AdapterError("model already carries a loraloom adapter; merge_and_unload it first")
     requires_grad = {name: p.requires_grad for name, p in base_model.named_parameters()}
+    base_weights: list[tuple[torch.Tensor, torch.Tensor]] = []  # (base weight, its value before) to put back
     try:
         add_adapter(base_model, config, verbose=False, init=False)
-        load_state_into(base_model, tensors, source)
-    except AdapterError as e:
+        expected = expected_tensors(base_model, shapes, source)
+        base_weights = [(t, t.detach().clone()) for k, t in expected.items() if k.endswith(".base_layer.weight")]
+        wanted = {k for k in raw_shapes if ".original_module." not in k and normalise_key(k) in expected}
+        load_state_into(base_model, read_tensors(folder, wanted), source)
+        loaded = get_config(base_model)
+        with torch.no_grad():
+            for _, layer in adapter_layers(base_model):
+                loaded.prepare_loaded(layer)
+    except BaseException as e:
+        with torch.no_grad():
+            for target, before in base_weights:
+                target.copy_(before)
         remove_adapter(base_model)
         for name, p in base_model.named_parameters():
             p.requires_grad_(requires_grad[name])
-        if str(e).startswith(source):
-            raise
-        raise AdapterError(f"{source}: {e}") from e
-    loaded = get_config(base_model)
-    with torch.no_grad():
-        for _, layer in adapter_layers(base_model):
-            loaded.prepare_loaded(layer)
+        if isinstance(e, AdapterError) and not str(e).startswith(source):
+            raise AdapterError(f"{source}: {e}") from e
+        raise
     if verbose:
         print(f"loraloom: loaded {config.peft_type} adapter from {source}")
     return base_model
