@@ -293,3 +293,59 @@ def test_kohya_file_matches_diffusers_own_loader(style, tmp_path):
     expected = unet_out(diffusers_loaded(tmp_path / "k.safetensors"))
     assert (expected - unet_out(tiny_unet())).abs().max() > 1e-2
     torch.testing.assert_close(unet_out(ours), expected, atol=1e-5, rtol=0)
+
+
+TE_Q = "text_model_encoder_layers_0_self_attn_q_proj"
+
+
+def two_names_for_one_layer(tmp_path, first: str, second: str, unet_path: str | None = None):
+    """A kohya file naming one layer twice (the same tensors under both names)."""
+    if unet_path is not None:
+        base = tiny_unet().get_submodule(unet_path)
+        down, up = torch.randn(2, base.in_features), torch.randn(base.out_features, 2)
+    else:
+        down, up = torch.randn(2, 32), torch.randn(32, 2)
+    tensors = {}
+    for name in (first, second):
+        tensors |= {f"{name}.lora_down.weight": down.clone(), f"{name}.lora_up.weight": up.clone()}
+    save_file(tensors, tmp_path / "twice.safetensors")
+    return tmp_path / "twice.safetensors"
+
+
+def test_te_and_te1_for_one_layer_is_an_error_naming_both(tmp_path):
+    file = two_names_for_one_layer(tmp_path, f"lora_te_{TE_Q}", f"lora_te1_{TE_Q}")
+    with pytest.raises(ll.AdapterError, match=r"keys '.*' and '.*' are the same layer") as e:
+        kohya_to_peft(file, models(), tmp_path / "out")
+    assert f"'lora_te_{TE_Q}." in str(e.value) and f"'lora_te1_{TE_Q}." in str(e.value)
+    assert not (tmp_path / "out").exists()
+
+
+def test_diffusers_and_sgm_names_for_one_block_is_an_error_naming_both(tmp_path):
+    sgm, path = next((n, p) for n, p in SGM_NAMES.items() if p.endswith("to_q"))
+    file = two_names_for_one_layer(tmp_path, f"lora_unet_{path.replace('.', '_')}", f"lora_unet_{sgm}", path)
+    with pytest.raises(ll.AdapterError, match=rf"unet layers '.*' and '.*' are both '{path}'"):
+        kohya_to_peft(file, models(), tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize(
+    ("down", "up", "alpha", "message"),
+    [
+        (torch.tensor(1.0), torch.zeros(32, 2), None, r"lora_down: a 0-dim tensor"),
+        (torch.zeros(2, 32), torch.zeros(32), None, r"lora_up: a 1-dim tensor"),
+        (torch.zeros(0, 32), torch.zeros(32, 0), None, r"lora_down has rank 0 but lora_up 0"),
+        (torch.zeros(2, 32), torch.zeros(32, 3), None, r"lora_down has rank 2 but lora_up 3"),
+        (torch.zeros(2, 32), torch.zeros(32, 2), torch.ones(2), r"\.alpha: holds 2 values"),
+        (torch.zeros(2, 32), torch.zeros(32, 2), torch.tensor(float("nan")), r"\.alpha: is nan"),
+        (torch.full((2, 32), float("inf")), torch.zeros(32, 2), None, r"lora_down holds NaN or inf"),
+        (torch.zeros(2, 32, dtype=torch.int8), torch.zeros(32, 2), None, r"has dtype I8"),
+    ],
+)
+def test_a_kohya_layer_loraloom_would_refuse_is_never_written(tmp_path, down, up, alpha, message):
+    tensors = {f"lora_te_{TE_Q}.lora_down.weight": down, f"lora_te_{TE_Q}.lora_up.weight": up}
+    if alpha is not None:
+        tensors[f"lora_te_{TE_Q}.alpha"] = alpha
+    save_file(tensors, tmp_path / "bad.safetensors")
+    with pytest.raises(ll.AdapterError, match=message):
+        kohya_to_peft(tmp_path / "bad.safetensors", models(), tmp_path / "out")
+    assert not (tmp_path / "out").exists()

@@ -17,6 +17,7 @@ and alphas that differ from the most common ones go into ``rank_pattern`` / ``al
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 from collections import Counter
@@ -29,7 +30,14 @@ from torch import nn
 
 from .adapters.base import AdapterError
 from .adapters.lora import LoraConfig, lora_scaling
-from .adapters.peft_format import CONFIG_NAME, KEY_PREFIX, read_adapter, write_adapter_folder
+from .adapters.peft_format import (
+    CONFIG_NAME,
+    KEY_PREFIX,
+    check_finite,
+    read_adapter,
+    safetensors_shapes,
+    write_adapter_folder,
+)
 from .files import atomic_write
 
 # kohya name prefix -> the pipeline component (diffusers' folder name) it adapts.
@@ -66,6 +74,7 @@ def read_kohya(path: str | os.PathLike) -> dict[str, dict[str, dict[str, torch.T
     layer missing its down or up weight, is an error naming the file and a few keys.
     """
     path = Path(path)
+    safetensors_shapes(path)  # dtypes checked from the header before anything is read
     try:
         tensors = load_file(path)
     except (SafetensorError, OSError, ValueError) as e:
@@ -73,15 +82,20 @@ def read_kohya(path: str | os.PathLike) -> dict[str, dict[str, dict[str, torch.T
     if not tensors:
         raise AdapterError(f"{path}: holds no tensors")
     out: dict[str, dict[str, dict[str, torch.Tensor]]] = {}
+    source_keys: dict[tuple[str, str, str], str] = {}  # (component, layer, part) -> the key it came from
     unknown = []
     for key, t in tensors.items():
         name, _, suffix = key.partition(".")
-        prefix = next((p for p in KOHYA_PREFIXES if name.startswith(p)), None)
+        prefix = next((p for p in sorted(KOHYA_PREFIXES, key=len, reverse=True) if name.startswith(p)), None)
         if prefix is None or suffix not in KOHYA_SUFFIXES:
             unknown.append(key)
             continue
         part = {"lora_down.weight": "down", "lora_up.weight": "up", "alpha": "alpha"}[suffix]
-        out.setdefault(KOHYA_PREFIXES[prefix], {}).setdefault(name.removeprefix(prefix), {})[part] = t
+        component, layer = KOHYA_PREFIXES[prefix], name.removeprefix(prefix)
+        if (component, layer, part) in source_keys:  # lora_te_ and lora_te1_ both name the first text encoder
+            raise AdapterError(f"{path}: keys {source_keys[component, layer, part]!r} and {key!r} are the same layer")
+        source_keys[component, layer, part] = key
+        out.setdefault(component, {}).setdefault(layer, {})[part] = t
     if unknown:
         raise AdapterError(
             f"{path}: not a kohya / A1111 LoRA file: {len(unknown)} of {len(tensors)} keys are not "
@@ -218,19 +232,21 @@ def kohya_to_peft(path: str | os.PathLike, models: dict[str, nn.Module], out_dir
                 f"{path}: {len(unknown)} {component} layer names match no layer of {type(model).__name__} "
                 f"(a LoRA for another model?): {_few(unknown)}"
             )
-        tensors, ranks, alphas = {}, {}, {}
+        tensors, ranks, alphas, origin = {}, {}, {}, {}
         for flat, parts in layers.items():
             module_path = lookup[flat]
-            base = model.get_submodule(module_path)
-            down, up = parts["down"], parts["up"]
-            r = down.shape[0]
-            if up.shape[1] != r:
-                raise AdapterError(f"{path}: {flat}: lora_down has rank {r} but lora_up {up.shape[1]}")
-            a_shape, b_shape = _peft_shapes(base, r)
-            tensors[f"{KEY_PREFIX}{module_path}.lora_A.weight"] = _fit(down, a_shape, f"{path}: {flat}.lora_down")
-            tensors[f"{KEY_PREFIX}{module_path}.lora_B.weight"] = _fit(up, b_shape, f"{path}: {flat}.lora_up")
-            ranks[module_path] = r
-            alphas[module_path] = float(parts["alpha"].item()) if "alpha" in parts else float(r)
+            if module_path in origin:  # a diffusers name and an SGM name for one block
+                raise AdapterError(
+                    f"{path}: {component} layers {origin[module_path]!r} and {flat!r} are both {module_path!r}"
+                )
+            origin[module_path] = flat
+            r, alpha = _rank_and_alpha(parts, f"{path}: {flat}")
+            a_shape, b_shape = _peft_shapes(model.get_submodule(module_path), r)
+            tensors[f"{KEY_PREFIX}{module_path}.lora_A.weight"] = _fit(
+                parts["down"], a_shape, f"{path}: {flat}.lora_down"
+            )
+            tensors[f"{KEY_PREFIX}{module_path}.lora_B.weight"] = _fit(parts["up"], b_shape, f"{path}: {flat}.lora_up")
+            ranks[module_path], alphas[module_path] = r, alpha
         r = Counter(ranks.values()).most_common(1)[0][0]
         alpha = Counter(alphas.values()).most_common(1)[0][0]
         config = LoraConfig(
@@ -243,6 +259,29 @@ def kohya_to_peft(path: str | os.PathLike, models: dict[str, nn.Module], out_dir
         converted[component] = (config, tensors)
     # Everything is checked before the first folder is written: a bad layer leaves no partial output.
     return {c: write_adapter_folder(Path(out_dir) / c, cfg, t) for c, (cfg, t) in converted.items()}
+
+
+def _rank_and_alpha(parts: dict[str, torch.Tensor], where: str) -> tuple[int, float]:
+    """A layer's rank and alpha, after the checks loraloom's loader makes: a folder that convert writes
+    always loads (no rank 0, no NaN, down and up agreeing)."""
+    down, up = parts["down"], parts["up"]
+    for part, t in (("lora_down", down), ("lora_up", up)):
+        if t.ndim not in (2, 4):
+            raise AdapterError(
+                f"{where}.{part}: a {t.ndim}-dim tensor; expected a 2-dim (linear) or 4-dim (conv) weight"
+            )
+        check_finite(t, f"{where}.{part}")
+    r = down.shape[0]
+    if r < 1 or up.shape[1] != r:
+        raise AdapterError(f"{where}: lora_down has rank {r} but lora_up {up.shape[1]} (must agree and be >= 1)")
+    if "alpha" not in parts:
+        return r, float(r)
+    if parts["alpha"].numel() != 1:
+        raise AdapterError(f"{where}.alpha: holds {parts['alpha'].numel()} values; expected one number")
+    alpha = float(parts["alpha"].item())
+    if not math.isfinite(alpha):
+        raise AdapterError(f"{where}.alpha: is {alpha}; expected a finite number")
+    return r, alpha
 
 
 def _peft_shapes(base: nn.Module, r: int) -> tuple[torch.Size, torch.Size]:
@@ -284,6 +323,8 @@ def peft_to_kohya(folders: dict[str, str | os.PathLike], out_file: str | os.Path
         for module_path, ab in sorted(layers.items()):
             r, alpha = config.rank_and_alpha(module_path)
             name = prefixes[component] + kohya_path(component, module_path).replace(".", "_")
+            if f"{name}.lora_down.weight" in out:
+                raise AdapterError(f"{folder}: two layers have the kohya name {name!r} (one is {module_path!r})")
             out[f"{name}.lora_down.weight"] = ab["A"].contiguous()
             out[f"{name}.lora_up.weight"] = ab["B"].contiguous()
             # kohya scales by alpha / rank: keep PEFT's scale (alpha / sqrt(r) under rsLoRA) exactly.

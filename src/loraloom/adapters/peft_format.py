@@ -158,6 +158,11 @@ def tensor_shapes(folder: Path) -> dict[str, tuple[int, ...]]:
     file = weights_file(folder)
     if file.name == LEGACY_WEIGHTS_NAME:
         return {k: tuple(t.shape) for k, t in _load_bin(file).items()}
+    return safetensors_shapes(file)
+
+
+def safetensors_shapes(file: Path) -> dict[str, tuple[int, ...]]:
+    """Each tensor's shape from a .safetensors header, every dtype checked; no tensor is read."""
     try:
         with safe_open(file, "pt") as f:
             slices = {k: f.get_slice(k) for k in f.keys()}
