@@ -313,10 +313,7 @@ def add_inspect(sub: Any) -> None:
 
 def cmd_inspect(args: argparse.Namespace) -> int:
     info = inspect_folder(args.dir)
-    if args.json:
-        print(json.dumps(info, indent=2))
-        return 0
-    print(describe(info))
+    print(json.dumps(info, indent=2) if args.json else describe(info))
     return 0
 
 
@@ -438,8 +435,11 @@ def main(argv: list[str] | None = None) -> int:
     except BrokenPipeError:  # output piped into `head` and the like: stop quietly, as Unix tools do
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error at exit
         return 1
-    except (ValueError, TypeError, OSError) as e:  # AdapterError and DataError are ValueErrors
-        print(f"loraloom: error: {' '.join(str(e).split())}", file=sys.stderr)
+    except Exception as e:  # bad input of any kind: one line, no traceback (LORALOOM_DEBUG=1 shows it)
+        if os.environ.get("LORALOOM_DEBUG"):
+            raise
+        kind = "" if isinstance(e, (ValueError, TypeError, OSError)) else f"{type(e).__name__}: "
+        print(f"loraloom: error: {kind}{' '.join(str(e).split())}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("loraloom: interrupted", file=sys.stderr)

@@ -287,6 +287,17 @@ def run_hub_demo(
     return results
 
 
+def positive_int(text: str) -> int:
+    """An argparse type: refused at parse time, before any folder is made."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
+    return value
+
+
 def add_demo_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     """The demo's options: shared by ``python -m loraloom.demo`` and ``loraloom demo``."""
     parser.add_argument("which", nargs="?", choices=("hub", "lora"), default="hub", help="default: %(default)s")
@@ -295,10 +306,13 @@ def add_demo_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPars
     parser.add_argument("--seeds", default="1-5", help="hub: seeds, e.g. 1-5 or 1,3 (default: %(default)s)")
     parser.add_argument("--zoo", help="hub: a zoo artifacts folder (default: the one in the package)")
     parser.add_argument("--seed", type=int, default=0, help="lora: the walk-through's seed")
-    parser.add_argument("--pretrain-steps", type=int, default=800, help="lora: base pre-training steps")
-    parser.add_argument("--lora-steps", type=int, default=300, help="lora: LoRA training steps")
+    parser.add_argument("--pretrain-steps", type=positive_int, default=800, help="lora: base pre-training steps")
+    parser.add_argument("--lora-steps", type=positive_int, default=300, help="lora: LoRA training steps")
     parser.add_argument(
-        "--threads", type=int, default=1, help="torch threads (default 1: a model this small gains nothing from more)"
+        "--threads",
+        type=positive_int,
+        default=1,
+        help="torch threads (default 1: a model this small gains nothing from more)",
     )
     parser.add_argument("--quiet", action="store_true", help="no progress bars or step-by-step output")
     return parser

@@ -73,6 +73,17 @@ def atomic_folder(path: str | os.PathLike, *, owns: Iterable[str] = ()) -> Itera
         shutil.rmtree(tmp, ignore_errors=True)  # the new folder on an error, the old one (links only) on success
 
 
+def check_writable(path: str | os.PathLike) -> None:
+    """Fail now, not after hours of work, when ``path`` (a folder to be written) cannot be: it, or its
+    nearest existing parent, must be a writable folder."""
+    path = Path(path)
+    existing = next(p for p in (path, *path.parents) if p.exists())
+    if not existing.is_dir():
+        raise ValueError(f"{path}: cannot be written: {existing} is a file, not a folder")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise ValueError(f"{path}: cannot be written: no write permission in {existing}")
+
+
 def remove_stale(path: Path) -> None:
     """Remove what dead writers left beside ``path``, and put back an old folder a writer died swapping out."""
     for kind in ("tmp", "old"):
@@ -157,4 +168,4 @@ def sha256_of(path: str | os.PathLike) -> str:
     return digest.hexdigest()
 
 
-__all__ = ["atomic_folder", "atomic_write", "remove_stale", "sha256_of"]
+__all__ = ["atomic_folder", "atomic_write", "check_writable", "remove_stale", "sha256_of"]

@@ -36,7 +36,7 @@ from .data import (
     resolve_label2id,
 )
 from .evaluate import evaluate
-from .files import atomic_folder
+from .files import atomic_folder, check_writable
 from .tasks import TASKS, task_of
 
 FULL = "full"  # adapter="full": every parameter trains, no adapter layers
@@ -208,6 +208,8 @@ def train(
     """
     t0 = time.perf_counter()
     args = TrainArgs.from_options(args, **options)
+    if output_dir is not None:
+        check_writable(output_dir)  # before training, not after it
     task = args.task or task_of(model)
     examples = load_examples(train_data, args.input_field, args.target_field)
     eval_examples = load_examples(eval_data, args.input_field, args.target_field) if eval_data is not None else None

@@ -22,7 +22,7 @@ from typing import Any
 
 import torch
 
-from ..adapters.registry import ADAPTER_TYPES
+from ..adapters.registry import ADAPTER_TYPES, config_for
 from ..devices import resolve_device, resolve_dtype
 from ..hub.search import SearchSettings
 from ..train import FULL, FULL_LR
@@ -139,6 +139,11 @@ class ExperimentSettings:
             raise ValueError(f"ExperimentSettings.adapter_options: unknown adapter {unknown}; use {', '.join(types)}")
         if not all(isinstance(v, dict) for v in self.adapter_options.values()):
             raise ValueError("ExperimentSettings.adapter_options: each value must be a dict of config fields")
+        for name, options in self.adapter_options.items():  # a config that cannot be built fails here, not per cell
+            try:
+                dataclasses.replace(config_for(name), **options)
+            except (TypeError, ValueError) as e:
+                raise ValueError(f"ExperimentSettings.adapter_options[{name!r}]: {e}") from e
         if not isinstance(self.icl_separator, str):
             raise ValueError(f"ExperimentSettings.icl_separator must be a string, got {self.icl_separator!r}")
         try:

@@ -9,12 +9,14 @@ cells the latest ``experiment`` call asked for (what ``report`` shows).
 
 from __future__ import annotations
 
+import fcntl
 import json
+import os
 import sqlite3
 import time
 from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 DB_NAME = "results.sqlite"
 FINISHED = ("done", "skipped")
@@ -53,21 +55,55 @@ CREATE TABLE IF NOT EXISTS settings (settings_hash TEXT PRIMARY KEY, value TEXT 
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 """
 JSON_COLUMNS = ("weights", "modules", "details")
+LOCK_NAME = ".lock"
+
+
+def lock_run_dir(run_dir: Path) -> IO[str]:
+    """An exclusive lock on RUN_DIR/.lock, or an error naming the process that holds it."""
+    lock = open(run_dir / LOCK_NAME, "a+")  # noqa: SIM115 (held open until Store.close)
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        lock.seek(0)
+        holder = lock.read().strip() or "another process"
+        lock.close()
+        raise ValueError(
+            f"{run_dir}: an experiment (pid {holder}) is writing to this run folder; wait for it to finish "
+            "or use another --out"
+        ) from None
+    lock.truncate(0)
+    lock.write(str(os.getpid()))
+    lock.flush()
+    return lock
 
 
 class Store:
+    """``create=True`` opens the store to write: one writer per run folder at a time (a lock held until
+    ``close``, freed by the system if the process dies), so a report never shows another run's cells."""
+
     def __init__(self, run_dir: str | Path, *, create: bool = True) -> None:
         self.run_dir = Path(run_dir)
         self.path = self.run_dir / DB_NAME
         if not create and not self.path.is_file():
             raise FileNotFoundError(f"{self.run_dir}: no {DB_NAME} (not an experiment run folder)")
         self.run_dir.mkdir(parents=True, exist_ok=True)
-        self.db = sqlite3.connect(self.path)
-        self.db.executescript(SCHEMA)
-        self.db.commit()
+        self.lock = lock_run_dir(self.run_dir) if create else None
+        try:
+            self.db = sqlite3.connect(self.path)
+            self.db.executescript(SCHEMA)
+            self.db.commit()
+        except sqlite3.DatabaseError as e:
+            self.close()
+            raise ValueError(
+                f"{self.path}: not a loraloom results database (corrupt, or another kind of file): {e}"
+            ) from e
 
     def close(self) -> None:
-        self.db.close()
+        if getattr(self, "db", None) is not None:
+            self.db.close()
+        if self.lock is not None:
+            self.lock.close()  # closing the file frees the lock
+            self.lock = None
 
     def __enter__(self) -> Store:
         return self

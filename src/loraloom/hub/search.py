@@ -153,6 +153,7 @@ class SearchSettings:
             raise ValueError(f"budget must be a positive number of evaluations, got {self.budget!r}")
         if not self.bounds > 0:
             raise ValueError(f"bounds must be positive (weights lie in [-bounds, bounds]), got {self.bounds!r}")
+        check_optimizer(self.optimizer, self.mode)
         if not isinstance(self.population, int) or self.population < 1:
             raise ValueError(f"population must be a positive integer, got {self.population!r}")
         if not isinstance(self.seed, int) or isinstance(self.seed, bool):
@@ -260,6 +261,23 @@ def hybrid_search(
     )
 
 
+def check_optimizer(name: str, mode: str) -> None:
+    """A nevergrad optimizer name the mode uses, checked before any work (gradient mode has none but Adam)."""
+    if mode == "gradient":
+        if name != DEFAULT_OPTIMIZER:
+            raise ValueError(
+                f"optimizer {name!r}: mode 'gradient' runs Adam and takes no optimizer (set lr instead); the "
+                "optimizer names a nevergrad optimizer for modes 'nevergrad' and 'hybrid'"
+            )
+        return
+    import nevergrad as ng
+
+    if not isinstance(name, str) or name not in ng.optimizers.registry:
+        close = difflib.get_close_matches(str(name), list(ng.optimizers.registry), n=3)
+        hint = f"; did you mean {', '.join(close)}?" if close else " (see nevergrad.optimizers.registry)"
+        raise ValueError(f"unknown nevergrad optimizer {name!r}{hint}")
+
+
 def nevergrad_optimizer(
     name: str,
     n: int,
@@ -275,10 +293,7 @@ def nevergrad_optimizer(
     """
     import nevergrad as ng  # slow to import: only when searching
 
-    if name not in ng.optimizers.registry:
-        close = difflib.get_close_matches(name, list(ng.optimizers.registry), n=3)
-        hint = f"; did you mean {', '.join(close)}?" if close else " (see nevergrad.optimizers.registry)"
-        raise ValueError(f"unknown nevergrad optimizer {name!r}{hint}")
+    check_optimizer(name, "nevergrad")
     parametrization = ng.p.Array(init=np.zeros(n), lower=-bounds, upper=bounds)
     parametrization.random_state = random_state
     if sigma is not None:

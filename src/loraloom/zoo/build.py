@@ -37,7 +37,7 @@ from ..adapters.inject import get_config
 from ..adapters.peft_format import adapter_state_dict, write_adapter_folder
 from ..data import Example, collate, encode_seq2seq
 from ..evaluate import evaluate
-from ..files import atomic_folder, atomic_write, sha256_of
+from ..files import atomic_folder, atomic_write, check_writable, sha256_of
 from ..train import lr_factor, train
 from . import tasks as world
 from .base import build_demo_t5, train_tokenizer  # the tokenizer the LoRA walk-through uses too
@@ -320,6 +320,7 @@ def build(
     """Build (or resume building) the zoo in ``work`` and ship it to ``out``; see the module docstring."""
     settings = settings or BuildSettings()
     out, work = Path(out), Path(work)
+    check_writable(out)  # before the build, not after it
     work.mkdir(parents=True, exist_ok=True)
     recorded = _read_json(work / "settings.json")
     if recorded is not None and recorded != settings.to_json():

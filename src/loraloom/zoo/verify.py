@@ -42,9 +42,18 @@ def read_manifest(folder: str | os.PathLike = ARTIFACTS) -> dict:
         manifest = json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ZooError(f"{path}: not valid JSON ({e})") from e
-    for key in ("files", "upstream", "held_out", "settings"):
-        if key not in manifest:
-            raise ZooError(f"{path}: missing field {key!r}")
+    if not isinstance(manifest, dict):
+        raise ZooError(f"{path}: expected a JSON object")
+    for key, kind in (("files", dict), ("upstream", dict), ("held_out", list), ("settings", dict), ("demo", dict)):
+        if not isinstance(manifest.get(key), kind):
+            raise ZooError(f"{path}: missing field {key!r} (or not a {kind.__name__})")
+    demo = manifest["demo"]
+    for key in ("tasks", "pool"):
+        if not isinstance(demo.get(key), list) or not all(isinstance(n, str) for n in demo[key]):
+            raise ZooError(f"{path}: field 'demo' needs {key!r}, a list of names")
+    for name in demo["pool"]:
+        if not isinstance(manifest["upstream"].get(name), dict) or not manifest["upstream"][name].get("module"):
+            raise ZooError(f"{path}: the demo pool names {name!r}, which has no module in 'upstream'")
     return manifest
 
 
