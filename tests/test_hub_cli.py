@@ -58,7 +58,8 @@ def test_compose_given_modules_with_retrieval_options(setting, tmp_path):
     modules = sorted(str(p) for p in (setting / "pool").iterdir())[:2]
     out = tmp_path / "out"
     args = ["compose", "--base", str(setting / "base"), "--modules", *modules, "--examples", str(setting / "few.jsonl")]
-    args += ["--budget", "3", "--optimizer", "TwoPointsDE", "--population", "2", "--bf16", "--out", str(out)]
+    args += ["--budget", "3", "--mode", "nevergrad", "--optimizer", "TwoPointsDE", "--population", "2", "--bf16"]
+    args += ["--out", str(out)]
     assert main(args) == 0
     weights = json.loads((out / "weights.json").read_text())
     assert weights["modules"] == modules and weights["settings"]["dtype"] == "bf16"

@@ -24,6 +24,7 @@ from .data import load_examples
 from .demo import add_demo_arguments
 from .devices import add_device_arguments, resolve_device, resolve_dtype
 from .evaluate import evaluate
+from .files import check_writable
 from .harness import DEFAULT_METHODS, METHODS, ExperimentSettings, experiment, load_results, report
 from .hub import DEFAULT_MODE, DEFAULT_OPTIMIZER, DEFAULT_POPULATION, MODES, SearchSettings, list_pool, lorahub
 from .hub.objective import FORMULAS
@@ -56,6 +57,8 @@ def default_of(cls: type, name: str) -> Any:
 def placement(args: argparse.Namespace) -> dict[str, Any]:
     """``load_base``'s device, dtype and device_map from the options, checked before anything loads."""
     resolve_dtype(args.dtype, resolve_device(args.device))  # a missing device or a bad dtype: one line, exit 2
+    if getattr(args, "out", None):
+        check_writable(args.out)  # an --out that cannot be written fails before the model loads
     return {"device": args.device, "dtype": args.dtype, "device_map": args.device_map}
 
 
@@ -114,9 +117,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     model, tokenizer = load_base(args.base, args.task, examples=examples, **placement(args))
     result = train(model, tokenizer, examples, adapter, options, eval_data=eval_examples, output_dir=args.out)
     print(
-        f"trained {args.adapter} on {args.train}: {len(result.losses)} steps in {result.seconds:.1f}s, "
-        f"final loss {result.losses[-1]:.4f}, trainable params {result.trainable_params:,} "
-        f"of {result.total_params:,}"
+        f"trained {args.adapter} on {args.train}: {len(result.losses)} steps in {result.seconds:.1f}s, final loss "
+        f"{result.losses[-1]:.4f}, trainable params {result.trainable_params:,} of {result.total_params:,}"
     )
     for step, score in result.evals:
         print(f"  eval at step {step}: {score:.4f}")
@@ -299,8 +301,7 @@ def add_report(sub: Any) -> None:
 
 def cmd_report(args: argparse.Namespace) -> int:
     path = report(args.run_dir, plots=not args.no_plots)
-    print(load_results(args.run_dir)[0].markdown())
-    print(f"wrote {path}")
+    print(f"{load_results(args.run_dir)[0].markdown()}\nwrote {path}")
     return 0
 
 
