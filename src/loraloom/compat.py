@@ -22,7 +22,6 @@ import numpy as np
 import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
-from transformers import AutoTokenizer, default_data_collator
 
 from .adapters import read_adapter
 from .data import IGNORE_INDEX, Example, encode_causal, normalise_answer, pad_token_id_of
@@ -72,6 +71,8 @@ def default_get_loss(example_dataset: FewShotDataset, model: nn.Module, batch_si
     ``lorahub_learning`` computes this value itself (without padding, P candidates a pass) when given
     this function; it is here to be called, wrapped or replaced like the reference's.
     """
+    from transformers import default_data_collator
+
     size = len(example_dataset) if batch_size is None else min(len(example_dataset), batch_size)
     device = next(model.parameters()).device
     total = 0.0
@@ -190,6 +191,8 @@ def lorahub_inference(
     model = load_base(model_or_name_path)[0] if isinstance(model_or_name_path, str) else model_or_name_path
     tokenizer = tokenizer_or_tokenizer_path
     if isinstance(tokenizer, str):
+        from transformers import AutoTokenizer  # ~0.3 s to import: only for a tokenizer given by name
+
         tokenizer = AutoTokenizer.from_pretrained(tokenizer)
     inputs = list(example_inputs)
     if task_of(model) == "causal":
