@@ -27,7 +27,7 @@ from .evaluate import evaluate
 from .harness import DEFAULT_METHODS, METHODS, ExperimentSettings, experiment, load_results, report
 from .hub import DEFAULT_MODE, DEFAULT_OPTIMIZER, DEFAULT_POPULATION, MODES, SearchSettings, list_pool, lorahub
 from .hub.objective import FORMULAS
-from .hub.search import DEFAULT_BUDGETS, OptimizerError
+from .hub.search import ADAM_STEP_COST, DEFAULT_BUDGET, OptimizerError
 from .hub.select import DEFAULT_NUM
 from .hub.select import METHODS as SELECT_METHODS
 from .models import load_base
@@ -185,8 +185,8 @@ def add_compose(sub: Any) -> None:
     p.add_argument("--num", type=int, default=DEFAULT_NUM, help=num)
     p.add_argument("--select", choices=SELECT_METHODS, default=SELECT_METHODS[0], help="default: %(default)s")
     p.add_argument("--examples", required=True, metavar="FILE", help="few-shot .jsonl, .json or .csv examples")
-    budgets = ", ".join(f"{mode} {n}" for mode, n in DEFAULT_BUDGETS.items())
-    p.add_argument("--budget", type=int, help=f"objective evaluations, or Adam steps in gradient mode ({budgets})")
+    budget = f"forward-pass equivalents, in every mode: 1 per candidate scored, {ADAM_STEP_COST} per Adam step"
+    p.add_argument("--budget", type=int, help=f"{budget} (default: {DEFAULT_BUDGET})")
     p.add_argument("--seed", type=int, default=default_of(SearchSettings, "seed"), help="default: %(default)s")
     p.add_argument("--optimizer", default=DEFAULT_OPTIMIZER, help="a nevergrad optimizer name (default: %(default)s)")
     p.add_argument(
@@ -228,7 +228,8 @@ def cmd_compose(args: argparse.Namespace) -> int:
     out = result.save(args.out)
     print(
         f"best objective {result.objective:.4f} after {len(result.trace)} evaluations "
-        f"({result.settings['method']}, {len(result.modules)} modules chosen by {result.selection.method})"
+        f"({result.adam_steps} Adam steps, {result.cost} of {result.settings['budget']} forward-pass equivalents; "
+        f"{result.settings['method']}, {len(result.modules)} modules chosen by {result.selection.method})"
         + ("" if result.complete else ", search cut short")
     )
     print(f"wrote {out}/adapter, weights.json, trace.csv, trace.png")
