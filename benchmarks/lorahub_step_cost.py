@@ -111,7 +111,12 @@ def measure(name: str, work: Path, rounds: int, evals: int, steps: int) -> dict[
             wall.append(((w2 - w1) / steps) / ((w1 - w0) / evals))
             cpu.append(((c2 - c1) / steps) / ((c1 - c0) / evals))
             forward_ms = 1000 * (w1 - w0) / evals
-    return {"wall": statistics.median(wall), "cpu": statistics.median(cpu), "max_cpu": max(cpu), "forward_ms": forward_ms}
+    return {
+        "wall": statistics.median(wall),
+        "cpu": statistics.median(cpu),
+        "max_cpu": max(cpu),
+        "forward_ms": forward_ms,
+    }
 
 
 def main() -> None:
