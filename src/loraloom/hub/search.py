@@ -542,10 +542,12 @@ def gradient_search(
         found.stopped = f"{what} had a NaN or inf loss: no finite weights found"
         warnings.warn(found.stopped, LoraHubWarning, stacklevel=2)
     elif found.nonfinite:
-        notes = [
-            f"{bad_steps} of {found.adam_steps} Adam steps had a NaN or inf loss (or gradient): skipped, "
-            "each stepping back half way towards the last finite weights"
-        ] if bad_steps else []  # fmt: skip
+        notes = []
+        if bad_steps:
+            notes.append(
+                f"{bad_steps} of {found.adam_steps} Adam steps had a NaN or inf loss (or gradient): skipped, "
+                "each stepping back half way towards the last finite weights"
+            )
         if found.nonfinite > bad_steps:
             notes.append("the w Adam ended on had a NaN or inf loss")
         warnings.warn("; ".join(notes), LoraHubWarning, stacklevel=2)
@@ -589,8 +591,8 @@ def _detached(scores: Scores) -> Scores:
 
 
 __all__ = [
-    "DEFAULT_BOUNDS",
     "ADAM_STEP_COST",
+    "DEFAULT_BOUNDS",
     "DEFAULT_BUDGET",
     "DEFAULT_GRADIENT_STEPS",
     "DEFAULT_LR",
