@@ -59,6 +59,7 @@ def test_every_method_records_a_row(world, tmp_path):
             # budget 4 forward passes: 4 candidates scored, or 1 Adam step (3) and the w it led to (1)
             evaluations = 2 if method == "lorahub-gradient" else 4
             assert r["details"]["lorahub_settings"]["budget"] == 4 and len(r["details"]["trace"]) == evaluations
+            assert r["details"]["cost"] == 4 and r["details"]["adam_steps"] == (method == "lorahub-gradient")
         assert by[(task, "lorahub-gradient")]["details"]["lorahub_settings"]["mode"] == "gradient"
         assert by[(task, "lorahub-retrieval")]["details"]["selection"]["method"] == "retrieval"
         best = by[(task, "retrieval-best")]
