@@ -31,38 +31,53 @@ from lorahub_vs_reference import build_setting, setting  # noqa: E402
 
 from loraloom.compat import reference_features  # noqa: E402
 from loraloom.data import load_examples  # noqa: E402
-from loraloom.hub import Composition, Objective, encode_few_shot, load_bank, load_base_model  # noqa: E402
+from loraloom.hub import Composition, Objective, encode_few_shot, load_bank  # noqa: E402
 from loraloom.hub.objective import parameters_in  # noqa: E402
-from loraloom.hub.search import SearchSettings, run_search  # noqa: E402
+from loraloom.hub.search import SearchSettings, adam_cost, run_search  # noqa: E402
+from loraloom.models import load_base  # noqa: E402
 
-# name -> SearchSettings fields (budget 40 unless given). "reference" is NGOpt one at a time on the
-# reference's formula, seeded as the reference seeds it (what loraloom.compat runs).
+
+def adam(steps: int, **fields) -> dict:
+    """Gradient mode with the budget that buys ``steps`` Adam steps (3 each, + the last w scored)."""
+    return {"mode": "gradient", "budget": adam_cost(steps), **fields}
+
+
+def hybrid(evaluations: int, steps: int, **fields) -> dict:
+    """Hybrid mode: ``evaluations`` gradient-free, then ``steps`` Adam steps (+ the last w scored)."""
+    return {"mode": "hybrid", "budget": evaluations + adam_cost(steps), "gradient_steps": steps, **fields}
+
+
+# name -> SearchSettings fields (budget 40 forward-pass equivalents unless given). The names count Adam steps
+# (grad10: 10 steps) and hybrid's evaluations + steps; "grad-K40" is the default mode at the default budget.
+# "reference" is NGOpt one at a time on the reference's formula, seeded as the reference seeds it (what
+# loraloom.compat runs).
 SEARCHES: dict[str, dict] = {
-    "reference": {"optimizer": "NGOpt", "population": 1},
-    "sequential": {"optimizer": "NGOpt", "population": 1},
-    "ngopt4": {"optimizer": "NGOpt", "population": 4},
-    "cma4": {"optimizer": "CMA", "population": 4},
-    "cma4-s0.5": {"optimizer": "CMA", "population": 4, "sigma": 0.5},
-    "de4": {"optimizer": "TwoPointsDE", "population": 4},
-    "pso4": {"optimizer": "PSO", "population": 4},
-    "portfolio4": {"optimizer": "Portfolio", "population": 4},
-    "cobyla": {"optimizer": "Cobyla", "population": 1},
-    "grad40": {"mode": "gradient"},
-    "grad20": {"mode": "gradient", "budget": 20},
-    "grad10": {"mode": "gradient", "budget": 10},
-    "grad10-lr0.1": {"mode": "gradient", "budget": 10, "lr": 0.1},
-    "grad8-lr0.15": {"mode": "gradient", "budget": 8, "lr": 0.15},
-    "grad10-bf16": {"mode": "gradient", "budget": 10, "dtype": "bf16"},
-    "grad40-bf16": {"mode": "gradient", "dtype": "bf16"},
-    "grad40-lr0.1": {"mode": "gradient", "lr": 0.1},
-    "grad40-lr0.03": {"mode": "gradient", "lr": 0.03},
-    "hybrid-seq16+8": {"mode": "hybrid", "budget": 24, "population": 1, "gradient_steps": 8},
-    "grad6-lr0.1": {"mode": "gradient", "budget": 6, "lr": 0.1},
-    "grad8-lr0.1": {"mode": "gradient", "budget": 8, "lr": 0.1},
-    "grad12-lr0.1": {"mode": "gradient", "budget": 12, "lr": 0.1},
-    "hybrid-seq32+8": {"mode": "hybrid", "population": 1, "gradient_steps": 8},
-    "hybrid-cma4-32+8": {"mode": "hybrid", "optimizer": "CMA", "population": 4, "gradient_steps": 8},
-    "hybrid-seq20+6-lr0.1": {"mode": "hybrid", "budget": 26, "population": 1, "gradient_steps": 6, "lr": 0.1},
+    "reference": {"mode": "nevergrad", "optimizer": "NGOpt", "population": 1},
+    "sequential": {"mode": "nevergrad", "optimizer": "NGOpt", "population": 1},
+    "ngopt4": {"mode": "nevergrad", "optimizer": "NGOpt", "population": 4},
+    "cma4": {"mode": "nevergrad", "optimizer": "CMA", "population": 4},
+    "cma4-s0.5": {"mode": "nevergrad", "optimizer": "CMA", "population": 4, "sigma": 0.5},
+    "de4": {"mode": "nevergrad", "optimizer": "TwoPointsDE", "population": 4},
+    "pso4": {"mode": "nevergrad", "optimizer": "PSO", "population": 4},
+    "portfolio4": {"mode": "nevergrad", "optimizer": "Portfolio", "population": 4},
+    "cobyla": {"mode": "nevergrad", "optimizer": "Cobyla", "population": 1},
+    "grad-K40": {"mode": "gradient"},
+    "grad40": adam(40),
+    "grad20": adam(20),
+    "grad10": adam(10),
+    "grad10-lr0.1": adam(10, lr=0.1),
+    "grad8-lr0.15": adam(8, lr=0.15),
+    "grad10-bf16": adam(10, dtype="bf16"),
+    "grad40-bf16": adam(40, dtype="bf16"),
+    "grad40-lr0.1": adam(40, lr=0.1),
+    "grad40-lr0.03": adam(40, lr=0.03),
+    "hybrid-seq16+8": hybrid(16, 8, population=1),
+    "grad6-lr0.1": adam(6, lr=0.1),
+    "grad8-lr0.1": adam(8, lr=0.1),
+    "grad12-lr0.1": adam(12, lr=0.1),
+    "hybrid-seq32+8": hybrid(32, 8, population=1),
+    "hybrid-cma4-32+8": hybrid(32, 8, optimizer="CMA", population=4),
+    "hybrid-seq20+6-lr0.1": hybrid(20, 6, population=1, lr=0.1),
 }
 
 
@@ -87,7 +102,7 @@ def main() -> None:
     shape, _, example_set = args.setting.partition("-")
     build_setting(work, shape, example_set)
     base, modules, examples = setting(work)
-    model, tokenizer = load_base_model(base)
+    model, tokenizer = load_base(base)
     bank = load_bank(modules, base_model=model)
     features = encode_few_shot(model, tokenizer, load_examples(examples))
     inputs, targets = [e["input"] for e in examples], [e["target"] for e in examples]
@@ -128,6 +143,8 @@ def main() -> None:
                     "seconds": seconds,
                     "forwards": seconds / forward,
                     "evaluations": len(found.trace),
+                    "adam_steps": found.adam_steps,
+                    "cost": found.cost,
                     "method": found.method,
                     "trace": [e.objective for e in found.trace],  # as searched (its own objective and dtype)
                     "elapsed": [e.elapsed for e in found.trace],

@@ -201,12 +201,13 @@ def t_merge_start(evals: list[tuple[float, float]]) -> float:
     return evals[-1][1]
 
 
-# Variants of loraloom: ll.lorahub options (the default: none; K is its own default budget), or compat.
+# Variants of loraloom: ll.lorahub options (the default: none), or compat. Every variant gets budget K, the
+# reference's: K forward-pass equivalents in every mode (SearchSettings.budget).
 LORALOOM_OPTIONS = {
     "loraloom": {},
     "loraloom-bf16": {"dtype": "bf16"},
-    "loraloom-nevergrad": {"mode": "nevergrad", "budget": None},  # the paper's search, one candidate a pass
-    "loraloom-sequential": {"mode": "nevergrad", "population": 1, "budget": None},  # NGOpt > Cobyla
+    "loraloom-nevergrad": {"mode": "nevergrad"},  # the paper's search, one candidate a pass
+    "loraloom-sequential": {"mode": "nevergrad", "population": 1},  # NGOpt > Cobyla
 }
 
 
@@ -217,9 +218,7 @@ def worker_loraloom(work: Path, seed: int, budget: int, variant: str, device: st
 
     imported = time.perf_counter()
     base, modules, examples = setting(work)
-    options = dict(LORALOOM_OPTIONS[variant])
-    if "budget" in options:
-        options["budget"] = budget  # K evaluations, as the reference gets
+    options = {**LORALOOM_OPTIONS[variant], "budget": budget}  # K forward passes, as the reference gets
     result = ll.lorahub(base, modules, examples, seed=seed, device=device, **options)
     merged = result.merge()
     end = time.perf_counter()

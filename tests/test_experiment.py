@@ -56,7 +56,10 @@ def test_every_method_records_a_row(world, tmp_path):
         for method in ("lorahub", "lorahub-retrieval", "lorahub-gradient"):
             r = by[(task, method)]
             assert len(r["weights"]) == len(r["modules"]) == 4
-            assert r["details"]["lorahub_settings"]["budget"] == 4 and len(r["details"]["trace"]) == 4
+            # budget 4 forward passes: 4 candidates scored, or 1 Adam step (3) and the w it led to (1)
+            evaluations = 2 if method == "lorahub-gradient" else 4
+            assert r["details"]["lorahub_settings"]["budget"] == 4 and len(r["details"]["trace"]) == evaluations
+            assert r["details"]["cost"] == 4 and r["details"]["adam_steps"] == (method == "lorahub-gradient")
         assert by[(task, "lorahub-gradient")]["details"]["lorahub_settings"]["mode"] == "gradient"
         assert by[(task, "lorahub-retrieval")]["details"]["selection"]["method"] == "retrieval"
         best = by[(task, "retrieval-best")]
@@ -286,6 +289,9 @@ def test_settings_are_validated_and_hashed():
         search["population"] == 1 and search["mode"] == "nevergrad" and search["budget"] == 40 and "seed" not in search
     )
     assert "optimizer" in search  # LoraHub's own defaults are hashed too: a changed default makes new cells
+    # the budget once counted Adam steps: gradient cells hash the steps it now buys, gradient-free cells are as before
+    assert ExperimentSettings().cell_fields("lorahub-gradient")["search"]["adam_steps"] == 13
+    assert "adam_steps" not in search
     with pytest.raises(ValueError, match="unknown experiment setting"):
         ExperimentSettings.from_dict({"bugdet": 3})
     lora, lorahub = ExperimentSettings().cell_fields("lora"), ExperimentSettings().cell_fields("lorahub")

@@ -43,10 +43,13 @@ def test_compose_from_a_pool_writes_everything(setting, tmp_path, capsys):
     assert main(args) == 0
     printed = capsys.readouterr()
     assert "best objective" in printed.out and "lorahub" in printed.err  # summary, and the progress bar
+    # the default gradient mode: budget 6 buys 1 Adam step (3) and the evaluation of where it led (1)
+    assert "after 2 evaluations (1 Adam steps, 4 of 6 forward-pass equivalents; gradient:Adam" in printed.out
     weights = json.loads((out / "weights.json").read_text())
     assert len(weights["weights"]) == 3 and weights["selection"]["method"] == "random"
     assert weights["selection"]["pool_size"] == 5 and weights["settings"]["budget"] == 6
-    assert len(list(csv.DictReader((out / "trace.csv").open()))) == 6
+    assert (weights["evaluations"], weights["adam_steps"], weights["cost"]) == (2, 1, 4)
+    assert len(list(csv.DictReader((out / "trace.csv").open()))) == 2
     assert (out / "trace.png").stat().st_size > 0
     inputs = model_inputs("t5")
     adapted = load_adapter(tiny_t5(), out / "adapter", verbose=False)
@@ -164,7 +167,10 @@ def test_the_issues_run_with_the_defaults(setting, trained_pool, tmp_path, capsy
     code = main(args)
     saved = json.loads((out / "weights.json").read_text())
     assert (code, saved["complete"]) in ((0, True), (1, False))
-    assert saved["evaluations"] == (40 if saved["complete"] else len(list(csv.DictReader((out / "trace.csv").open()))))
+    rows = list(csv.DictReader((out / "trace.csv").open()))
+    assert saved["evaluations"] == len(rows) and saved["cost"] == sum(int(row["cost"]) for row in rows)
+    if saved["complete"]:  # the default gradient mode: 13 Adam steps and the last w scored, 40 forward passes
+        assert (saved["evaluations"], saved["adam_steps"], saved["cost"]) == (14, 13, 40)
     assert "Traceback" not in capsys.readouterr().err
 
 

@@ -78,9 +78,11 @@ def test_causal_lm_and_bf16(tmp_path):
 
 def test_gradient_mode_descends(t5_setup):
     model, modules = t5_setup
-    result = ll.lorahub(model, modules, EXAMPLES, tokenizer=tokenizer(), budget=10, mode="gradient", lr=0.1)
+    result = ll.lorahub(model, modules, EXAMPLES, tokenizer=tokenizer(), budget=31, mode="gradient", lr=0.1)
     values = [e.objective for e in result.trace]
-    assert result.settings["mode"] == "gradient" and len(values) == 10
+    # 31 forward-pass equivalents: 10 Adam steps (3 each), then the w the last step moved to, scored (1)
+    assert result.settings["mode"] == "gradient" and len(values) == 11 and result.cost == 31
+    assert [e.gradient for e in result.trace] == [True] * 10 + [False]
     assert min(values) < values[0]
     assert all(p.grad is None for p in model.parameters())
 
@@ -94,13 +96,15 @@ def test_reference_objective_option(t5_setup):
 
 def test_save_writes_adapter_weights_trace_and_plot(t5_setup, tmp_path):
     model, modules = t5_setup
-    result = ll.lorahub(model, modules, EXAMPLES, tokenizer=tokenizer(), budget=6)
+    result = ll.lorahub(model, modules, EXAMPLES, tokenizer=tokenizer(), budget=6)  # gradient: 1 Adam step + 1
     out = result.save(tmp_path / "out")
     saved = json.loads((out / "weights.json").read_text())
     assert saved["weights"] == result.weights and saved["modules"] == modules
     assert saved["objective"] == result.objective and saved["selection"]["method"] == "given"
+    assert (saved["evaluations"], saved["adam_steps"], saved["cost"]) == (2, 1, 4)
     rows = list(csv.DictReader((out / "trace.csv").open()))
-    assert len(rows) == 6 and float(rows[0]["objective"]) == result.trace[0].objective
+    assert len(rows) == 2 and float(rows[0]["objective"]) == result.trace[0].objective
+    assert [int(row["cost"]) for row in rows] == [3, 1]
     assert (out / "trace.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
     inputs = model_inputs("t5")
@@ -198,15 +202,15 @@ def test_settings_are_one_validated_object_saved_as_is(t5_setup, tmp_path):
         ll.lorahub(model, modules, EXAMPLES, tokenizer=tokenizer(), budgt=3)
     with pytest.raises(ValueError, match="mode must be one of"):
         ll.SearchSettings(mode="bayes")
-    with pytest.raises(ValueError, match="gradient_steps must lie in 1..budget-1"):
-        ll.SearchSettings(mode="hybrid", budget=4, gradient_steps=4)
+    with pytest.raises(ValueError, match="gradient_steps must lie in 1..1 in hybrid mode with budget 5"):
+        ll.SearchSettings(mode="hybrid", budget=5, gradient_steps=2)  # 2 Adam steps + 1 = 7 > 5
     with pytest.raises(ValueError, match="layer_groups must be None, 'stack' or a positive number"):
         ll.SearchSettings(layer_groups="encoder")
 
 
 def test_timings_break_the_run_into_phases(t5_setup):
     model, modules = t5_setup
-    result = ll.lorahub(model, modules, EXAMPLES, tokenizer=tokenizer(), budget=6, mode="hybrid", gradient_steps=2)
+    result = ll.lorahub(model, modules, EXAMPLES, tokenizer=tokenizer(), budget=9, mode="hybrid", gradient_steps=2)
     t = result.timings
     phases = ("base_load", "tokenisation", "module_load", "imports", "composition", "forward", "backward", "optimizer")
     assert all(t[k] >= 0 for k in phases) and t["forward"] > 0 and t["backward"] > 0 and t["composition"] > 0
@@ -220,9 +224,11 @@ def test_timings_break_the_run_into_phases(t5_setup):
 def test_hybrid_ends_with_gradient_steps_from_the_best_gradient_free_point(t5_setup):
     model, modules = t5_setup
     result = ll.lorahub(
-        model, modules, EXAMPLES, tokenizer=tokenizer(), mode="hybrid", budget=9, gradient_steps=3, population=1
+        model, modules, EXAMPLES, tokenizer=tokenizer(), mode="hybrid", budget=16, gradient_steps=3, population=1
     )
-    assert len(result.trace) == 9 and result.settings["method"].endswith("+gradient:Adam")
+    # 16 = 6 gradient-free evaluations + 3 Adam steps (3 each) + the last w scored (1)
+    assert len(result.trace) == 10 and result.cost == 16 and result.settings["method"].endswith("+gradient:Adam")
+    assert [e.gradient for e in result.trace] == [False] * 6 + [True] * 3 + [False]
     first = result.trace[:6]
     assert result.trace[6].weights == min(first, key=lambda e: e.objective).weights  # Adam starts at that best
     assert result.objective <= min(e.objective for e in first)

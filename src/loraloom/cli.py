@@ -29,7 +29,7 @@ from .harness import DEFAULT_METHODS, METHODS, ExperimentSettings, experiment, l
 from .hub import DEFAULT_MODE, DEFAULT_OPTIMIZER, DEFAULT_POPULATION, MODES, SearchSettings, list_pool, lorahub
 from .hub.objective import FORMULAS
 from .hub.result import MERGED_DIR
-from .hub.search import DEFAULT_BUDGETS, OptimizerError
+from .hub.search import ADAM_STEP_COST, DEFAULT_BUDGET, OptimizerError
 from .hub.select import DEFAULT_NUM
 from .hub.select import METHODS as SELECT_METHODS
 from .models import load_base
@@ -188,17 +188,13 @@ def add_compose(sub: Any) -> None:
     p.add_argument("--num", type=int, default=DEFAULT_NUM, help=num)
     p.add_argument("--select", choices=SELECT_METHODS, default=SELECT_METHODS[0], help="default: %(default)s")
     p.add_argument("--examples", required=True, metavar="FILE", help="few-shot .jsonl, .json or .csv examples")
-    budgets = ", ".join(f"{mode} {n}" for mode, n in DEFAULT_BUDGETS.items())
-    p.add_argument("--budget", type=int, help=f"objective evaluations, or Adam steps in gradient mode ({budgets})")
+    budget = f"forward-pass equivalents, in every mode: 1 per candidate scored, {ADAM_STEP_COST} per Adam step"
+    p.add_argument("--budget", type=int, help=f"{budget} (default: {DEFAULT_BUDGET})")
     p.add_argument("--seed", type=int, default=default_of(SearchSettings, "seed"), help="default: %(default)s")
     p.add_argument("--optimizer", default=DEFAULT_OPTIMIZER, help="a nevergrad optimizer name (default: %(default)s)")
-    p.add_argument(
-        "--population", type=int, default=DEFAULT_POPULATION, help="candidates a pass (default: %(default)s)"
-    )
+    p.add_argument("--population", type=int, default=DEFAULT_POPULATION, help="candidates a pass (default %(default)s)")
     formula = default_of(SearchSettings, "formula")
-    p.add_argument(
-        "--formula", "--objective", choices=FORMULAS, default=formula, help="the loss (default: %(default)s)"
-    )
+    p.add_argument("--formula", "--objective", choices=FORMULAS, default=formula, help="the loss (default %(default)s)")
     modes = "gradient: Adam on w; nevergrad: gradient-free (the paper); hybrid: nevergrad then Adam"
     p.add_argument("--mode", choices=MODES, default=DEFAULT_MODE, help=f"{modes} (default: %(default)s)")
     p.add_argument("--bf16", action="store_true", help="evaluate in bfloat16")
@@ -231,7 +227,8 @@ def cmd_compose(args: argparse.Namespace) -> int:
     out = result.save(args.out)
     print(
         f"best objective {result.objective:.4f} after {len(result.trace)} evaluations "
-        f"({result.settings['method']}, {len(result.modules)} modules chosen by {result.selection.method})"
+        f"({result.adam_steps} Adam steps, {result.cost} of {result.settings['budget']} forward-pass equivalents; "
+        f"{result.settings['method']}, {len(result.modules)} modules chosen by {result.selection.method})"
         + ("" if result.complete else ", search cut short")
     )
     print(f"wrote {out}/adapter, weights.json, trace.csv, trace.png")

@@ -3,6 +3,9 @@
 ``lorahub_learning`` and ``lorahub_inference`` take the reference's arguments and return what it
 returns, with the same objective (``get_loss`` / ``get_regular``, the reference's formula by default),
 the same optimizer (NGOpt over [-1.5, 1.5]^N from w = 0, one candidate at a time) and the same seeding.
+``max_inference_step`` is the search's budget in forward-pass equivalents (``SearchSettings.budget``),
+spent as the reference spends it: that many candidates scored, one forward pass over the examples each,
+so a ported script never costs more forward passes than the reference did.
 What changes is underneath: modules are read once into a bank, composed in place without rebuilding a
 state dict, examples are scored without padding, and causal LMs work too. Differences, on purpose:
 
@@ -22,7 +25,6 @@ import numpy as np
 import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
-from transformers import AutoTokenizer, default_data_collator
 
 from .adapters import read_adapter
 from .data import IGNORE_INDEX, Example, encode_causal, normalise_answer, pad_token_id_of
@@ -72,6 +74,8 @@ def default_get_loss(example_dataset: FewShotDataset, model: nn.Module, batch_si
     ``lorahub_learning`` computes this value itself (without padding, P candidates a pass) when given
     this function; it is here to be called, wrapped or replaced like the reference's.
     """
+    from transformers import default_data_collator
+
     size = len(example_dataset) if batch_size is None else min(len(example_dataset), batch_size)
     device = next(model.parameters()).device
     total = 0.0
@@ -131,6 +135,11 @@ class _CustomScorer:
             composition.clear()
 
 
+def reference_search(max_inference_step: int) -> SearchSettings:
+    """The reference's search: NGOpt one candidate at a time, ``max_inference_step`` forward passes in all."""
+    return SearchSettings(mode="nevergrad", optimizer="NGOpt", budget=max_inference_step, population=1)
+
+
 def lorahub_learning(
     lora_module_list: list[str],
     example_inputs: list[str],
@@ -142,7 +151,11 @@ def lorahub_learning(
     get_regular: Callable[[Sequence[float]], float] = default_l1_regularization,
     seed: int = 42,
 ) -> tuple[np.ndarray, nn.Module, Any]:
-    """(weights, merged model, tokenizer), as the reference's ``lorahub_learning`` returns them."""
+    """(weights, merged model, tokenizer), as the reference's ``lorahub_learning`` returns them.
+
+    The search is the reference's, NGOpt in nevergrad mode with ``budget=max_inference_step``: at most
+    ``max_inference_step`` candidates scored, each one forward pass over the examples (with a custom
+    ``get_loss``, one call of it), as in the reference."""
     modules = [str(m) for m in lora_module_list]
     if not modules:
         raise ValueError("no LoRA modules given: lorahub_learning needs at least one module")
@@ -166,7 +179,7 @@ def lorahub_learning(
     with Composition(model, bank) as composition:
         objective = Objective(composition, features, pad_token_id=pad_token_id, formula="reference", batch_size=batch_size)
         scorer = _CustomScorer(objective, dataset, batch_size, get_loss, get_regular)
-        settings = SearchSettings(mode="nevergrad", optimizer="NGOpt", budget=max_inference_step, population=1)
+        settings = reference_search(max_inference_step)
         found = nevergrad_search(scorer, settings, random_state=random_state)
         composition.merge(found.weights)
     return np.asarray(found.weights), model, tokenizer
@@ -190,6 +203,8 @@ def lorahub_inference(
     model = load_base(model_or_name_path)[0] if isinstance(model_or_name_path, str) else model_or_name_path
     tokenizer = tokenizer_or_tokenizer_path
     if isinstance(tokenizer, str):
+        from transformers import AutoTokenizer  # ~0.3 s to import: only for a tokenizer given by name
+
         tokenizer = AutoTokenizer.from_pretrained(tokenizer)
     inputs = list(example_inputs)
     if task_of(model) == "causal":
@@ -225,5 +240,5 @@ __all__ = [
     "default_l1_regularization",
     "lorahub_inference",
     "lorahub_learning",
-
+    "reference_search",
 ]

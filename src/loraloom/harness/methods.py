@@ -144,6 +144,8 @@ def run_lorahub(job: Job, model: nn.Module, tokenizer: Any) -> Outcome:
         "selection": result.selection.to_dict(),
         "objective": result.objective,
         "trace": [e.objective for e in result.trace],
+        "adam_steps": result.adam_steps,  # of the trace's evaluations, those scored by an Adam step
+        "cost": result.cost,  # forward-pass equivalents spent, at most the budget
         "timings": result.timings,
         "complete": result.complete,
     }

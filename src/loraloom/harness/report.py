@@ -17,12 +17,13 @@ import os
 import re
 import statistics
 from pathlib import Path
-from typing import Any
-
-from matplotlib.figure import Figure
+from typing import TYPE_CHECKING, Any
 
 from ..files import atomic_folder, atomic_write
 from .results import PLOTS_DIR, REPORT_MD, RESULTS_CSV, Results, load_results, shows_best
+
+if TYPE_CHECKING:  # matplotlib takes ~0.4 s to import: only when a plot is drawn
+    from matplotlib.figure import Figure
 
 
 def write_plots(results: Results, folder: Path) -> list[str]:
@@ -78,6 +79,8 @@ def methods_figure(results: Results) -> Figure | None:
             per_method[method] = averages
     if not per_method:
         return None
+    from matplotlib.figure import Figure
+
     fig = Figure(figsize=(max(5.0, 1.2 * len(per_method) + 2), 4))
     ax = fig.subplots()
     names = list(per_method)
@@ -96,6 +99,8 @@ def _task_panels(tasks: list[str], rows: list[dict[str, Any]], panel_width: floa
     """The tasks that have rows, and a figure with one panel (axes, flattened) for each of them."""
     shown = [t for t in tasks if any(r["task"] == t for r in rows)]
     nrows, ncols = _grid(len(shown))
+    from matplotlib.figure import Figure
+
     fig = Figure(figsize=(panel_width * ncols, 3 * nrows + 0.5))
     return shown, fig, fig.subplots(nrows, ncols, squeeze=False).ravel()
 

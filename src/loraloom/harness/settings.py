@@ -58,7 +58,8 @@ class ExperimentSettings:
     num_modules: int = 20
     """LoraHub N: modules composed per seed (all of the pool when it holds fewer; recorded per cell)."""
     budget: int = 40
-    """LoraHub K: objective evaluations (nevergrad) or Adam steps (lorahub-gradient)."""
+    """LoraHub K, in forward-pass equivalents in every method (``SearchSettings.budget``): K candidates scored
+    (lorahub, lorahub-retrieval), or (K - 1) // 3 Adam steps and one last evaluation (lorahub-gradient)."""
     lorahub_options: dict[str, Any] = field(default_factory=dict)
     """Extra keyword arguments for ``ll.lorahub`` in the lorahub* methods (e.g. {"population": 1});
     recorded as given, and each cell also records the settings LoraHub reports it ran with."""
@@ -202,7 +203,10 @@ class ExperimentSettings:
         if method in GRADIENT_METHODS:  # under its old field name: the hashes of earlier runs still match
             values[f"lr_{method}"] = self.learning_rates[method]
         if method in LORAHUB_METHODS:  # the search as it will run, LoraHub's defaults included (not the seed)
-            values["search"] = {k: v for k, v in self.search_settings(method).to_dict().items() if k != "seed"}
+            search = self.search_settings(method)
+            values["search"] = {k: v for k, v in search.to_dict().items() if k != "seed"}
+            if search.adam_steps:  # the budget once counted Adam steps: cells from then are other cells
+                values["search"]["adam_steps"] = search.adam_steps
         if method in self.adapter_options:
             values["adapter_options"] = self.adapter_options[method]
         return values

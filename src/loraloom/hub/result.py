@@ -2,8 +2,9 @@
 
 ``save(dir)`` writes ``dir/adapter`` (the composed module as a PEFT folder: loads in PEFT, in loraloom,
 and in the reference's ``lorahub_inference`` after ``PeftModel.from_pretrained``), ``dir/weights.json``
-(modules, weights, settings; ``read_weights`` reads it back and checks it), ``dir/trace.csv`` (one row
-per evaluation) and ``dir/trace.png`` (objective per evaluation, and the weights as bars).
+(modules, weights, settings, and what the search spent: ``evaluations``, ``adam_steps`` and ``cost`` in
+forward-pass equivalents; ``read_weights`` reads it back and checks it), ``dir/trace.csv`` (one row per
+evaluation, with its ``cost``: 1, or ``ADAM_STEP_COST`` for an Adam step) and ``dir/trace.png`` (objective per evaluation, and the weights as bars).
 """
 
 from __future__ import annotations
@@ -57,6 +58,16 @@ class LoraHubResult:
     def best(self) -> Evaluation:
         return min(self.trace, key=lambda e: e.objective)
 
+    @property
+    def adam_steps(self) -> int:
+        """Adam steps taken (gradient and hybrid modes; each also in ``trace``)."""
+        return sum(e.gradient for e in self.trace)
+
+    @property
+    def cost(self) -> int:
+        """Forward-pass equivalents the search spent (at most the settings' budget)."""
+        return sum(e.cost for e in self.trace)
+
     def merge(self, model: nn.Module | None = None) -> nn.Module:
         """Merge the composed module into ``model`` (default: the base model of the run), in place."""
         model = model if model is not None else self.model
@@ -93,6 +104,8 @@ class LoraHubResult:
             "settings": self.settings,
             "selection": self.selection.to_dict(),
             "evaluations": len(self.trace),
+            "adam_steps": self.adam_steps,
+            "cost": self.cost,
             "complete": self.complete,
             "interrupted": self.interrupted,
             "stopped": self.stopped,
@@ -118,11 +131,11 @@ def trace_csv(trace: list[Evaluation], modules: list[str]) -> str:
     buf = io.StringIO()
     writer = csv.writer(buf, lineterminator="\n")
     writer.writerow(
-        ["eval", "objective", "loss", "penalty", "seconds", "elapsed"] + [f"w{i}" for i in range(len(modules))]
+        ["eval", "objective", "loss", "penalty", "seconds", "elapsed", "cost"] + [f"w{i}" for i in range(len(modules))]
     )
     for e in trace:
         writer.writerow(
-            [e.index, repr(e.objective), repr(e.loss), repr(e.penalty), f"{e.seconds:.6f}", f"{e.elapsed:.6f}"]
+            [e.index, repr(e.objective), repr(e.loss), repr(e.penalty), f"{e.seconds:.6f}", f"{e.elapsed:.6f}", e.cost]
             + [repr(w) for w in e.weights]
         )
     return buf.getvalue()

@@ -5,6 +5,9 @@ paper) through nevergrad's ask/tell interface: with ``population`` P > 1 it asks
 (the optimizer is told it has P workers) and scores them in one batched pass. ``gradient_search`` is an
 extra: Adam on w through the bank, the same objective, clamped to the same bounds.
 
+Every mode spends the same ``budget``, counted in forward-pass equivalents (one candidate scored = 1, an
+Adam step = ``ADAM_STEP_COST``): see ``SearchSettings.budget``.
+
 Both return the best *evaluated* weights: their objective value is known exactly (the objective is a
 pure function of w), whereas an optimizer's own recommendation may be a point it never scored.
 """
@@ -40,7 +43,13 @@ DEFAULT_LR = 0.05
 DEFAULT_GRADIENT_STEPS = 8
 DEFAULT_MODE = "gradient"  # measured: benchmarks/lorahub_search.py, see benchmarks/README.md
 MODES = ("nevergrad", "gradient", "hybrid")
-DEFAULT_BUDGETS = {"nevergrad": DEFAULT_BUDGET, "gradient": 10, "hybrid": DEFAULT_BUDGET}
+# What an Adam step costs in the budget's unit, one objective evaluation (a forward pass over the few-shot
+# examples, no gradient). Measured by benchmarks/lorahub_step_cost.py (one thread, medians over rounds, CPU
+# time): a step of gradient_search (forward with gradients for w, backward, update) costs 1.9x an
+# evaluation on the tests' tiny T5, 2.3x on their tiny GPT-2, 2.0x / 2.1x on FLAN-T5-small shapes (20
+# modules r=16 on q,v; example sets a / b), and at most 2.4x in any round. Rounded up, so that a search
+# never costs more than ``budget`` evaluations would.
+ADAM_STEP_COST = 3
 DTYPES = ("fp32", "bf16")
 
 
@@ -55,6 +64,12 @@ class Evaluation:
     objective: float  # loss + penalty; +inf if the loss was not finite
     seconds: float  # wall time of the pass that scored it, divided among the candidates of that pass
     elapsed: float  # wall time since the search started, when this value was known
+    gradient: bool = False  # scored by an Adam step (forward + backward), not by a forward pass alone
+
+    @property
+    def cost(self) -> int:
+        """Forward-pass equivalents charged to the budget: 1, or ``ADAM_STEP_COST`` for an Adam step."""
+        return ADAM_STEP_COST if self.gradient else 1
 
 
 @dataclass
@@ -70,6 +85,21 @@ class SearchResult:
     stopped: str = ""  # why it was cut short, one line ("" when complete)
     nonfinite: int = 0  # evaluations whose loss was NaN or inf (objective +inf in the trace)
 
+    @property
+    def adam_steps(self) -> int:
+        """Adam steps taken (a step skipped for a NaN or inf loss or gradient counts: its cost was spent)."""
+        return sum(e.gradient for e in self.trace)
+
+    @property
+    def cost(self) -> int:
+        """Forward-pass equivalents spent: what ``SearchSettings.budget`` bounds."""
+        return sum(e.cost for e in self.trace)
+
+
+def adam_cost(steps: int) -> int:
+    """The budget an Adam run of ``steps`` steps spends: the steps, then one evaluation of the w it ends on."""
+    return ADAM_STEP_COST * steps + 1
+
 
 class _Tracer:
     """Scores batches of candidates, records them, and shows the best value on a progress bar."""
@@ -79,11 +109,13 @@ class _Tracer:
         self.start = time.perf_counter()
         self.bar = tqdm(total=total, desc=desc, unit="eval", disable=not progress)
 
-    def record(self, w: torch.Tensor, scores: Scores, seconds: float) -> None:
+    def record(self, w: torch.Tensor, scores: Scores, seconds: float, gradient: bool = False) -> None:
         elapsed = time.perf_counter() - self.start
         for row, value, loss, penalty in zip(w.tolist(), scores.values, scores.losses, scores.penalties, strict=True):
             self.trace.append(
-                Evaluation(len(self.trace), row, float(loss), float(penalty), float(value), seconds / len(w), elapsed)
+                Evaluation(
+                    len(self.trace), row, float(loss), float(penalty), float(value), seconds / len(w), elapsed, gradient
+                )
             )
         self.bar.update(len(w))
         self.bar.set_postfix(best=f"{self.best.objective:.4f}")
@@ -112,10 +144,19 @@ class SearchSettings:
     """"nevergrad" (gradient-free, the paper), "gradient" (Adam on w), or "hybrid" (nevergrad, then
     ``gradient_steps`` Adam steps from the best w it found)."""
     budget: int | None = None
-    """Evaluations: candidates scored (nevergrad) or Adam steps (gradient); hybrid spends it on both.
-    None: the mode's default, ``DEFAULT_BUDGETS``: nevergrad 40 as in the paper; gradient 10 steps, which
-    cost about as much as 18 padded forward passes and found lower objectives than NGOpt at 40
-    evaluations on both settings of benchmarks/lorahub_search.py."""
+    """The search's cost in forward-pass equivalents, the same unit in every mode: scoring one candidate
+    (one forward pass over the few-shot examples, no gradient; the reference's evaluation) costs 1, an Adam
+    step ``ADAM_STEP_COST`` = 3 (forward with gradients for w, and backward: measured 1.9-2.4). Every mode
+    spends at most ``budget``:
+
+    - nevergrad: ``budget`` candidates scored (the paper's K, the reference's ``max_inference_step``);
+    - gradient: ``(budget - 1) // 3`` Adam steps, then one evaluation of the w the last step moved to
+      (40: 13 steps + 1 = 40); a budget under 4 buys no step, only the evaluation of the start;
+    - hybrid: nevergrad scores ``budget - 3 * gradient_steps - 1`` candidates, then ``gradient_steps`` Adam
+      steps and the evaluation of their last w.
+
+    ``adam_steps``, ``evaluations`` and ``cost`` give the split; a ``SearchResult`` records what was spent
+    (its ``cost`` and ``adam_steps``; every scored w is in its trace). None: ``DEFAULT_BUDGET`` = 40."""
     optimizer: str = DEFAULT_OPTIMIZER
     """A nevergrad optimizer by name: "NGOpt" (the paper's), "CMA", "TwoPointsDE", "Cobyla", ..."""
     population: int = DEFAULT_POPULATION
@@ -128,7 +169,7 @@ class SearchSettings:
     lr: float = DEFAULT_LR
     """Adam's learning rate (gradient and hybrid modes)."""
     gradient_steps: int = DEFAULT_GRADIENT_STEPS
-    """Hybrid mode: the Adam steps that end the budget."""
+    """Hybrid mode: the Adam steps that end the search (each costs ``ADAM_STEP_COST`` of the budget)."""
     sigma: float | None = None
     """The gradient-free optimizer's initial step size; nevergrad's default when None."""
     formula: str = "mean"
@@ -148,9 +189,9 @@ class SearchSettings:
         if self.mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {self.mode!r}")
         if self.budget is None:
-            object.__setattr__(self, "budget", DEFAULT_BUDGETS[self.mode])
-        if not isinstance(self.budget, int) or self.budget < 1:
-            raise ValueError(f"budget must be a positive number of evaluations, got {self.budget!r}")
+            object.__setattr__(self, "budget", DEFAULT_BUDGET)
+        if not isinstance(self.budget, int) or isinstance(self.budget, bool) or self.budget < 1:
+            raise ValueError(f"budget must be a positive number of forward passes, got {self.budget!r}")
         if not self.bounds > 0:
             raise ValueError(f"bounds must be positive (weights lie in [-bounds, bounds]), got {self.bounds!r}")
         check_optimizer(self.optimizer, self.mode)
@@ -162,11 +203,12 @@ class SearchSettings:
             raise ValueError(f"lr must be positive, got {self.lr!r}")
         if self.sigma is not None and not self.sigma > 0:
             raise ValueError(f"sigma must be positive or None, got {self.sigma!r}")
-        if self.mode == "hybrid" and not (
-            isinstance(self.gradient_steps, int) and 0 < self.gradient_steps < self.budget
-        ):
+        steps = self.gradient_steps
+        if self.mode == "hybrid" and not (isinstance(steps, int) and 0 < steps and adam_cost(steps) < self.budget):
+            most = (self.budget - 2) // ADAM_STEP_COST
             raise ValueError(
-                f"gradient_steps must lie in 1..budget-1 = 1..{self.budget - 1} in hybrid mode, got {self.gradient_steps!r}"
+                f"gradient_steps must lie in 1..{most} in hybrid mode with budget {self.budget} (an Adam step costs "
+                f"{ADAM_STEP_COST}, the evaluation of its last w 1, and nevergrad needs 1), got {self.gradient_steps!r}"
             )
         if self.formula not in FORMULAS:
             raise ValueError(f"formula must be one of {FORMULAS}, got {self.formula!r}")
@@ -191,6 +233,25 @@ class SearchSettings:
         if "dtype" in options:
             options["dtype"] = dtype_name(options["dtype"])
         return cls(**options) if settings is None else dataclasses.replace(settings, **options)
+
+    @property
+    def adam_steps(self) -> int:
+        """The Adam steps the budget buys: ``(budget - 1) // 3`` in gradient mode, ``gradient_steps`` in hybrid."""
+        if self.mode == "gradient":
+            return (self.budget - 1) // ADAM_STEP_COST
+        return self.gradient_steps if self.mode == "hybrid" else 0
+
+    @property
+    def evaluations(self) -> int:
+        """The candidates the gradient-free search scores: all the budget (nevergrad), what Adam leaves (hybrid)."""
+        if self.mode == "gradient":
+            return 0
+        return self.budget - adam_cost(self.gradient_steps) if self.mode == "hybrid" else self.budget
+
+    @property
+    def cost(self) -> int:
+        """The forward-pass equivalents a complete search spends: at most ``budget``."""
+        return self.evaluations + (adam_cost(self.adam_steps) if self.mode != "nevergrad" else 0)
 
     @property
     def torch_dtype(self) -> torch.dtype | None:
@@ -235,11 +296,10 @@ def hybrid_search(
     random_state: np.random.RandomState | None = None,
     progress: bool = False,
 ) -> SearchResult:
-    """Gradient-free for ``budget - gradient_steps`` evaluations, then Adam from the best w found."""
+    """Gradient-free for ``settings.evaluations``, then ``gradient_steps`` Adam steps from the best w found."""
     first = nevergrad_search(
-        objective, settings, budget=settings.budget - settings.gradient_steps, random_state=random_state,
-        progress=progress,
-    )  # fmt: skip
+        objective, settings, budget=settings.evaluations, random_state=random_state, progress=progress
+    )
     if not first.complete:  # cut short (an optimizer error, Ctrl-C): what it kept is the result
         return first
     second = gradient_search(objective, settings, steps=settings.gradient_steps, init=first.weights, progress=progress)
@@ -452,18 +512,20 @@ def gradient_search(
     init: float | Sequence[float] | None = None,
     progress: bool = False,
 ) -> SearchResult:
-    """Adam on w at ``settings.lr`` (one forward + backward per step) for ``steps`` (default: the settings'
-    budget), clamped to [-bounds, bounds] after each step.
+    """Adam on w at ``settings.lr`` (one forward + backward per step) for ``steps`` (default: the steps the
+    settings' budget buys, ``settings.adam_steps``), clamped to [-bounds, bounds] after each step; then the w
+    the last step moved to is scored with one forward pass, so that Adam's last move is not lost. The cost:
+    ``adam_cost(steps)`` = 3 per step + 1.
 
     w starts at ``init``: a vector, or one value for every module (default 1/N), not 0: at w = 0 both
     A_hat and B_hat vanish and so does the gradient of B_hat·A_hat.
     """
-    steps, bounds = settings.budget if steps is None else steps, settings.bounds
+    steps, bounds = settings.adam_steps if steps is None else steps, settings.bounds
     n = objective.n_weights
     start = torch.full((n,), 1.0 / n) if init is None else torch.as_tensor(init, dtype=torch.float32).expand(n)
     w = start.clone().reshape(1, n).requires_grad_(True)
     adam = torch.optim.Adam([w], lr=settings.lr)
-    tracer = _Tracer(objective, steps, progress, "lorahub Adam")
+    tracer = _Tracer(objective, steps + 1, progress, "lorahub Adam")
     stop: KeyboardInterrupt | None = None
     last_good: torch.Tensor | None = None  # the last w whose loss and gradient were finite
     try:
@@ -477,6 +539,8 @@ def gradient_search(
                 else:  # skip the step: back half way towards the last finite w, and try again from there
                     with torch.no_grad():
                         w.copy_((w + last_good) / 2)
+        if steps == 0 or last_good is not None:  # w moved since it was last scored (or was never scored)
+            tracer.score(w.detach().clone())
     except KeyboardInterrupt as e:  # Ctrl-C: keep the steps taken (none taken: nothing to keep)
         tracer.bar.close()
         if not tracer.trace:
@@ -484,19 +548,24 @@ def gradient_search(
         stop = e
     found = tracer.result("gradient:Adam")
     found.nonfinite = sum(not math.isfinite(e.objective) for e in found.trace)
+    bad_steps = sum(e.gradient and not math.isfinite(e.objective) for e in found.trace)
     if stop is not None:
-        _cut_short(found, stop, f"interrupted after {len(found.trace)} of {steps} Adam steps")
+        _cut_short(found, stop, f"interrupted after {found.adam_steps} of {steps} Adam steps")
     elif found.nonfinite == len(found.trace):
         found.complete = False
-        found.stopped = "every Adam step had a NaN or inf loss: no finite weights found"
+        what = "every Adam step" if steps else "the start"
+        found.stopped = f"{what} had a NaN or inf loss: no finite weights found"
         warnings.warn(found.stopped, LoraHubWarning, stacklevel=2)
     elif found.nonfinite:
-        warnings.warn(
-            f"{found.nonfinite} of {len(found.trace)} Adam steps had a NaN or inf loss (or gradient): skipped, "
-            "each stepping back half way towards the last finite weights",
-            LoraHubWarning,
-            stacklevel=2,
-        )
+        notes = []
+        if bad_steps:
+            notes.append(
+                f"{bad_steps} of {found.adam_steps} Adam steps had a NaN or inf loss (or gradient): skipped, "
+                "each stepping back half way towards the last finite weights"
+            )
+        if found.nonfinite > bad_steps:
+            notes.append("the w Adam ended on had a NaN or inf loss")
+        warnings.warn("; ".join(notes), LoraHubWarning, stacklevel=2)
     return found
 
 
@@ -523,7 +592,7 @@ def _adam_step(objective: Objective, w: torch.Tensor, adam: torch.optim.Adam, bo
         if torch.isfinite(scores.values).all():
             scores.values.sum().backward()
         objective.seconds["backward"] += time.perf_counter() - backward
-    tracer.record(w.detach().clone(), _detached(scores), time.perf_counter() - start)
+    tracer.record(w.detach().clone(), _detached(scores), time.perf_counter() - start, gradient=True)
     if w.grad is None or not torch.isfinite(w.grad).all():
         return False
     adam.step()
@@ -537,9 +606,9 @@ def _detached(scores: Scores) -> Scores:
 
 
 __all__ = [
+    "ADAM_STEP_COST",
     "DEFAULT_BOUNDS",
     "DEFAULT_BUDGET",
-    "DEFAULT_BUDGETS",
     "DEFAULT_GRADIENT_STEPS",
     "DEFAULT_LR",
     "DEFAULT_OPTIMIZER",
@@ -552,6 +621,7 @@ __all__ = [
     "Scorer",
     "SearchResult",
     "SearchSettings",
+    "adam_cost",
     "gradient_search",
     "hybrid_search",
     "nevergrad_optimizer",
