@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import peft
 import pytest
 import torch
@@ -12,6 +14,7 @@ import loraloom as ll
 from loraloom.adapters import LoraConfig, remove_adapter, write_adapter_folder
 from loraloom.adapters.base import AdapterError, layer_dims
 from loraloom.adapters.inject import find_targets
+from loraloom.cli import main
 from loraloom.data import load_examples
 from loraloom.hub import ArrowLayer, encode_few_shot, load_bank, select, select_arrow
 from loraloom.hub.arrow import prototypes
@@ -187,15 +190,21 @@ def test_select_arrow_scores_match_a_direct_computation(tmp_path):
     assert [scores[m] for m in pool] == pytest.approx(expected.tolist(), abs=1e-9)
 
 
-def test_lorahub_selects_with_arrow_on_t5(tmp_path):
-    """Wired into lorahub(pool=..., select="arrow") on a seq2seq model (encoder and decoder layers)."""
+def test_compose_selects_with_arrow_on_t5(tmp_path):
+    """``loraloom compose --select arrow`` (lorahub's pool selection) on a seq2seq model: encoder and decoder
+    layers both scored, the best-aligned modules composed."""
     model = tiny_t5()
+    model.save_pretrained(tmp_path / "base")
+    tokenizer().save_pretrained(tmp_path / "base")
     pool = make_modules(model, tmp_path / "pool", 4)
-    result = ll.lorahub(
-        model, pool=pool, num=2, select="arrow", examples=EXAMPLES, tokenizer=tokenizer(), budget=2, mode="nevergrad"
-    )
-    assert result.selection.method == "arrow" and len(result.selection.scores) == 4
-    assert result.modules == result.selection.modules and len(result.modules) == 2
-    ranked = sorted(pool, key=lambda m: -result.selection.scores[m])
-    assert result.modules == ranked[:2]
-    assert all(0 < s < 1 for s in result.selection.scores.values())
+    (tmp_path / "few.jsonl").write_text("".join(json.dumps(e) + "\n" for e in EXAMPLES))
+    args = ["compose", "--base", str(tmp_path / "base"), "--pool", str(tmp_path / "pool"), "--num", "2"]
+    args += ["--select", "arrow", "--examples", str(tmp_path / "few.jsonl"), "--budget", "2", "--mode", "nevergrad"]
+    assert main([*args, "--out", str(tmp_path / "out")]) == 0
+    saved = json.loads((tmp_path / "out" / "weights.json").read_text())
+    selection = saved["selection"]
+    assert selection["method"] == "arrow" and set(selection["scores"]) == set(pool)
+    assert saved["modules"] == selection["modules"] == sorted(pool, key=lambda m: -selection["scores"][m])[:2]
+    assert all(0 < s < 1 for s in selection["scores"].values())
+    features = encode_few_shot(model, tokenizer(), load_examples(EXAMPLES))
+    assert selection["scores"] == pytest.approx(select_arrow(pool, 2, model, features).scores, abs=1e-12)

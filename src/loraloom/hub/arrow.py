@@ -68,7 +68,8 @@ class ArrowLayer(AdapterLayer):
         # Flattened so that all N modules run in two matmuls: x -> (N·r) -> d_out.
         self.register_buffer("A_all", A.reshape(n * r, -1), persistent=False)  # (N·r) x d_in
         self.register_buffer("B_all", B.transpose(0, 1).reshape(B.shape[1], n * r), persistent=False)  # d_out x (N·r)
-        self.register_buffer("prototypes", prototypes(A, B), persistent=False)  # N x d_in
+        protos = prototypes(A.cpu(), B.cpu())  # float64 on the CPU: MPS has none
+        self.register_buffer("prototypes", protos.to(A.device), persistent=False)  # N x d_in
         self.n_modules, self.rank, self.scaling = n, r, scaling
         self.top_k, self.temperature = top_k, temperature
 
