@@ -22,6 +22,7 @@ from .data import DataError, Example, load_examples
 from .evaluate import EvalResult, evaluate, generate
 from .harness import experiment, report
 from .hub import LoraHubResult, SearchSettings, lorahub
+from .hub.arrow import arrow
 from .hub.combine import combine
 from .train import TrainResult, train
 
@@ -40,6 +41,7 @@ __all__ = [
     "SearchSettings",
     "TrainResult",
     "add_adapter",
+    "arrow",
     "combine",
     "count_parameters",
     "evaluate",

@@ -3,9 +3,10 @@
 bank.py (modules stacked per layer) -> compose.py (the composed layer, one w row per candidate) ->
 objective.py (few-shot loss + L1 penalty, a pure function of w) -> search.py (``SearchSettings``;
 nevergrad ask/tell, gradient and hybrid modes, trace) -> engine.py (``lorahub``) -> result.py (save, merge). select.py picks modules
-from a pool.
+from a pool. arrow.py routes each token through its best-aligned modules instead (Arrow, no search).
 """
 
+from .arrow import ArrowLayer
 from .bank import ModuleBank, layer_groups_of, list_pool, load_bank
 from .compose import ComposedLoraLayer, Composition
 from .engine import lorahub, merge_composition
@@ -24,13 +25,14 @@ from .search import (
     nevergrad_search,
     run_search,
 )
-from .select import Selection, select_random, select_retrieval
+from .select import Selection, select_arrow, select_random, select_retrieval
 
 __all__ = [
     "DEFAULT_MODE",
     "DEFAULT_OPTIMIZER",
     "DEFAULT_POPULATION",
     "MODES",
+    "ArrowLayer",
     "ComposedLoraLayer",
     "Composition",
     "Evaluation",
@@ -52,6 +54,7 @@ __all__ = [
     "nevergrad_search",
     "read_weights",
     "run_search",
+    "select_arrow",
     "select_random",
     "select_retrieval",
 ]

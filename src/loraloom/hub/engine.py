@@ -22,7 +22,7 @@ from .compose import Composition
 from .objective import Objective, encode_few_shot, parameters_in
 from .result import LoraHubResult
 from .search import SearchSettings, run_search
-from .select import DEFAULT_NUM, METHODS, Selection, pool_modules, select_random, select_retrieval
+from .select import DEFAULT_NUM, METHODS, Selection, pool_modules, select_arrow, select_random, select_retrieval
 
 
 class _Clock:
@@ -66,7 +66,8 @@ def lorahub(
             pairs or ``Example``s. Too-long examples are truncated to the model's limit with a warning.
         pool, num, select: instead of ``modules``, choose ``num`` modules from a pool (a folder of
             module folders, or a list): ``"random"`` draws them with the seed (the paper),
-            ``"retrieval"`` keeps the ``num`` with the lowest few-shot loss on their own.
+            ``"retrieval"`` keeps the ``num`` with the lowest few-shot loss on their own, ``"arrow"`` the
+            ``num`` whose prototypes (top right-singular vector of B·A) the examples' tokens align with most.
         device: where a base given by name loads ("auto", "cpu", "cuda:1"; a model object stays put).
         settings: how to search (``SearchSettings``: mode, budget, formula, dtype, ...; default when None).
         **options: any ``SearchSettings`` field by name, overriding ``settings`` (``budget=40, seed=1``).
@@ -136,11 +137,13 @@ def _base_and_tokenizer(
 
 
 def _select(modules, pool, num, select, search, model, features, pad_token_id, progress) -> Selection:
-    """Which modules to compose: the given ones, or ``num`` from the pool (random with the seed, or retrieval)."""
+    """Which modules to compose: the given ones, or ``num`` from the pool (random with the seed, retrieval, arrow)."""
     if pool is not None:
         candidates = pool_modules(pool)
         if select == "random":
             return select_random(candidates, num, search.seed)
+        if select == "arrow":
+            return select_arrow(candidates, num, model, features, progress=progress)
         return select_retrieval(
             candidates, num, model, features, pad_token_id=pad_token_id, dtype=search.torch_dtype, progress=progress
         )

@@ -3,6 +3,10 @@
 Retrieval scores every pool module on its own (w = one-hot: the module exactly as trained) by its
 few-shot loss, and keeps the N lowest. The pool is read in chunks, so a pool of hundreds of modules
 never sits in memory at once, and each chunk is scored with the population pass of the objective.
+
+Arrow scores every pool module, without running it, by how strongly the few-shot tokens reaching each
+adapted layer align with the module's prototype (the top right-singular vector of its B·A: the input
+direction it changes most), and keeps the N that align most. One base-model pass per example per chunk.
 """
 
 from __future__ import annotations
@@ -16,11 +20,12 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from .arrow import alignment
 from .bank import list_pool, load_bank
 from .compose import Composition
 from .objective import Objective
 
-METHODS = ("random", "retrieval")
+METHODS = ("random", "retrieval", "arrow")
 DEFAULT_NUM = 20  # modules composed (the paper's N)
 RETRIEVAL_CHUNK = 32  # modules read and scored together
 
@@ -29,11 +34,11 @@ RETRIEVAL_CHUNK = 32  # modules read and scored together
 class Selection:
     """How the composed modules were chosen."""
 
-    method: str  # "given", "random" or "retrieval"
+    method: str  # "given", "random", "retrieval" or "arrow"
     modules: list[str]
     pool_size: int
     seed: int | None = None  # random
-    scores: dict[str, float] = field(default_factory=dict)  # retrieval: each pool module's own loss
+    scores: dict[str, float] = field(default_factory=dict)  # retrieval: own loss; arrow: alignment
 
     def to_dict(self) -> dict:
         return {
@@ -99,4 +104,30 @@ def select_retrieval(
     return Selection("retrieval", ranked[:num], len(pool), scores=scores)
 
 
-__all__ = ["METHODS", "Selection", "pool_modules", "select_random", "select_retrieval"]
+def select_arrow(
+    pool: Sequence[str],
+    num: int,
+    model: nn.Module,
+    features: Sequence[dict[str, list[int]]],
+    *,
+    progress: bool = False,
+) -> Selection:
+    """The ``num`` pool modules whose Arrow prototypes the few-shot tokens align with most (ties: pool order).
+
+    A module's score is the mean |cos(x, prototype)| over the tokens x reaching each adapted layer, averaged
+    over the layers (``arrow.alignment``); it needs no forward pass with the module, only its weights.
+    """
+    pool = list(pool)
+    _check_num(num, pool)
+    scores: dict[str, float] = {}
+    chunks = [pool[i : i + RETRIEVAL_CHUNK] for i in range(0, len(pool), RETRIEVAL_CHUNK)]
+    with tqdm(total=len(pool), desc="aligning pool", unit="module", disable=not progress) as bar:
+        for chunk in chunks:
+            aligned = alignment(model, load_bank(chunk, base_model=model), features)
+            scores.update(zip(chunk, aligned.tolist(), strict=True))
+            bar.update(len(chunk))
+    ranked = sorted(pool, key=lambda m: (scores[m] != scores[m], -scores[m]))  # NaN last
+    return Selection("arrow", ranked[:num], len(pool), scores=scores)
+
+
+__all__ = ["METHODS", "Selection", "pool_modules", "select_arrow", "select_random", "select_retrieval"]
