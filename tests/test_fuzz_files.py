@@ -33,8 +33,8 @@ from loraloom.adapters.base import AdapterError
 from loraloom.adapters.peft_format import CONFIG_NAME, WEIGHTS_NAME
 from loraloom.convert import kohya_to_peft
 
-FAST = settings(max_examples=100, deadline=20_000, suppress_health_check=list(HealthCheck), database=None)
-SLOW = settings(max_examples=1500, deadline=20_000, suppress_health_check=list(HealthCheck), database=None)
+FAST = settings(max_examples=100, deadline=10_000, suppress_health_check=list(HealthCheck), database=None)
+SLOW = settings(max_examples=1500, deadline=10_000, suppress_health_check=list(HealthCheck), database=None)
 NUMBERS = [float("nan"), float("inf"), -float("inf"), 1e300, -1e-300, 0.0, 1e6, 0.5, -3.0]
 DTYPES = [torch.float16, torch.bfloat16, torch.float64, torch.int8, torch.int64, torch.float8_e4m3fn, torch.bool]
 SHAPES = st.lists(st.integers(0, 9), min_size=0, max_size=4).map(tuple)

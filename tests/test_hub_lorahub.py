@@ -71,7 +71,8 @@ def test_causal_lm_and_bf16(tmp_path):
     model = tiny_llama()
     modules = make_modules(model, tmp_path, 3, targets=["q_proj", "v_proj"])
     tok = tokenizer(add_eos=False)
-    result = ll.lorahub(model, modules, EXAMPLES, tokenizer=tok, budget=8, dtype="bf16", optimizer="TwoPointsDE")
+    settings = {"budget": 8, "dtype": "bf16", "mode": "nevergrad", "optimizer": "TwoPointsDE"}
+    result = ll.lorahub(model, modules, EXAMPLES, tokenizer=tok, **settings)
     assert result.settings["dtype"] == "bf16" and next(model.parameters()).dtype == torch.float32
     assert result.objective == pytest.approx(rescore(model, modules, result.weights, tok), rel=2e-2)
 

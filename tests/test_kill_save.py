@@ -79,7 +79,7 @@ def kill_rounds(tmp_path: Path, writer: str, kills: int, seed: int) -> Counter:
             proc.stdin.flush()
             line = proc.stdout.readline().split()
             assert line[:1] == ["ready"], f"the saver died: {line}"
-            time.sleep(rng.uniform(0, 0.03))
+            time.sleep(rng.uniform(0, 0.1))
             os.kill(int(line[1]), signal.SIGKILL)
             assert proc.stdout.readline().strip() == "reaped"
             leftovers = [p.name for p in tmp_path.iterdir() if p.name.startswith(f".{target.name}.")]
@@ -97,7 +97,7 @@ def kill_rounds(tmp_path: Path, writer: str, kills: int, seed: int) -> Counter:
     return seen
 
 
-@pytest.mark.parametrize(("writer", "kills"), [("adapter", 30), ("result", 10), ("file", 10)])
+@pytest.mark.parametrize(("writer", "kills"), [("adapter", 30), ("result", 10), ("file", 20)])
 def test_kill_during_save(tmp_path, writer, kills):
     kill_rounds(tmp_path, writer, kills, seed=0)
 
