@@ -2,6 +2,7 @@
 VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
+QUANT_STAMP := $(VENV)/.installed-quant
 
 .PHONY: demo test lint bench clean
 
@@ -16,7 +17,13 @@ $(STAMP): pyproject.toml
 demo: $(STAMP)
 	$(PY) -m loraloom demo
 
-test: $(STAMP)
+# torchao for the quantized-base tests, installed by `make test` only: with torchao present, transformers
+# imports it on every model load (about a second, and its import-time warnings), which the demo need not pay.
+$(QUANT_STAMP): $(STAMP)
+	$(PY) -m pip install --quiet -e ".[quant]"
+	touch $(QUANT_STAMP)
+
+test: $(STAMP) $(QUANT_STAMP)
 	$(PY) -m ruff check src tests benchmarks
 	$(PY) -m pytest
 

@@ -32,7 +32,7 @@ from .hub.result import MERGED_DIR
 from .hub.search import ADAM_STEP_COST, DEFAULT_BUDGET, OptimizerError
 from .hub.select import DEFAULT_NUM
 from .hub.select import METHODS as SELECT_METHODS
-from .models import load_base
+from .models import QUANTIZE, load_base
 from .seeds import parse_seeds
 from .tasks import TASKS
 from .train import FULL, FULL_LR, TrainArgs, save_full_model, train
@@ -44,6 +44,7 @@ BASE_OPTIONS.add_argument("--task", choices=TASKS, help="default: from the adapt
 PLACE_OPTIONS = add_device_arguments(argparse.ArgumentParser(add_help=False))  # every command that loads a model
 DEVICE_OPTIONS = argparse.ArgumentParser(add_help=False, parents=[PLACE_OPTIONS])
 DEVICE_OPTIONS.add_argument("--device-map", choices=["auto"], help="spread a large base over every device")
+DEVICE_OPTIONS.add_argument("--quantize", choices=QUANTIZE, help="a weight-only quantized frozen base (torchao)")
 FIELD_OPTIONS = argparse.ArgumentParser(add_help=False)
 FIELD_OPTIONS.add_argument("--input-field", default="input", help="default: %(default)s")
 FIELD_OPTIONS.add_argument("--target-field", default="target", help="default: %(default)s")
@@ -59,7 +60,7 @@ def placement(args: argparse.Namespace) -> dict[str, Any]:
     resolve_dtype(args.dtype, resolve_device(args.device))  # a missing device or a bad dtype: one line, exit 2
     if getattr(args, "out", None):
         check_writable(args.out)  # an --out that cannot be written fails before the model loads
-    return {"device": args.device, "dtype": args.dtype, "device_map": args.device_map}
+    return {"device": args.device, "dtype": args.dtype, "device_map": args.device_map, "quantize": args.quantize}
 
 
 def options_of(cls: type, args: argparse.Namespace, **more: Any) -> Any:

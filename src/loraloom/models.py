@@ -47,6 +47,24 @@ def model_source(name_or_path: str | os.PathLike) -> str:
     return text
 
 
+QUANTIZE = ("int8", "int4")
+
+
+def quantization_config(quantize: str, device: torch.device | None) -> Any:
+    """transformers' config for a weight-only quantized frozen base (torchao): int8 runs on the CPU and CUDA,
+    int4 (torchao's tinygemm kernels) on CUDA only. Linear layers are quantized; embeddings stay as they are."""
+    if quantize not in QUANTIZE:
+        raise ValueError(f"quantize must be one of {QUANTIZE} or None, got {quantize!r}")
+    if quantize == "int4" and (device is None or device.type != "cuda"):
+        raise ValueError("--quantize int4 needs a CUDA device (torchao has no int4 kernels for the CPU); use int8")
+    try:
+        from torchao.quantization import Int4WeightOnlyConfig, Int8WeightOnlyConfig
+        from transformers import TorchAoConfig
+    except ImportError as e:
+        raise ValueError(f"a quantized base needs torchao: pip install 'loraloom[quant]' ({e})") from e
+    return TorchAoConfig(Int8WeightOnlyConfig() if quantize == "int8" else Int4WeightOnlyConfig(group_size=128))
+
+
 def load_base(
     name_or_path: str | os.PathLike,
     task: str | None = None,
@@ -56,6 +74,7 @@ def load_base(
     device: str | torch.device | None = None,
     dtype: str | torch.dtype | None = None,
     device_map: str | dict | None = None,
+    quantize: str | None = None,
 ) -> tuple[nn.Module, Any]:
     """(model, tokenizer) in eval mode from a local folder or a hub id, with ``adapter`` loaded if given.
 
@@ -67,6 +86,8 @@ def load_base(
     ``device`` / ``dtype`` (``devices.py``: "auto", "cpu", "cuda:1", ...; "fp32", "bf16", "fp16"): where the model
     runs and in what precision; None keeps transformers' defaults (the CPU, the checkpoint's float32).
     ``device_map="auto"`` spreads a base larger than one device over all of them (transformers + accelerate).
+    ``quantize`` ("int8", "int4"): the frozen base's linear weights quantized as they load (torchao, weight-only),
+    for adapters trained, composed or served on top; merging into such a base is refused.
     """
     from transformers import AutoConfig, AutoTokenizer
 
@@ -85,6 +106,8 @@ def load_base(
     if task not in TASKS:
         raise ValueError(f"task must be one of {TASKS}, got {task!r}")
     kwargs: dict[str, Any] = {} if torch_dtype is None else {"dtype": torch_dtype}
+    if quantize is not None:
+        kwargs["quantization_config"] = quantization_config(quantize, target)
     if device_map is not None:
         kwargs["device_map"] = device_map
     label2id = default_label2id(examples) if task == "classification" and examples else None
@@ -106,4 +129,4 @@ def load_base(
     return model, tokenizer
 
 
-__all__ = ["CLASSIFIER_KEYS", "load_base", "model_classes", "model_source"]
+__all__ = ["CLASSIFIER_KEYS", "QUANTIZE", "load_base", "model_classes", "model_source", "quantization_config"]

@@ -185,6 +185,31 @@ def layer_dims(base_layer: nn.Module) -> tuple[int, int]:
     return base_layer.in_features, base_layer.out_features
 
 
+def is_quantized(weight: torch.Tensor) -> bool:
+    """A weight held in a quantized tensor subclass (torchao's Int8Tensor, ...), not plain floats."""
+    return type(weight.data) is not torch.Tensor
+
+
+def check_mergeable(name: str, weight: torch.Tensor) -> None:
+    """Merging adds a delta to the base weight in place, which a quantized weight cannot take exactly."""
+    if is_quantized(weight):
+        raise AdapterError(
+            f"layer {name!r}: the base weight is quantized ({type(weight.data).__name__}), so the adapter cannot be "
+            "merged into it; load the base without quantization to merge (the adapter folder is the same)"
+        )
+
+
+def check_dense(name: str, base_layer: nn.Module, needs: str) -> None:
+    """An adapter whose forward reads the base weight's values (DoRA's norm, FourierFT's W + ΔW) needs them
+    as plain floats; on a quantized base it is refused by name (PEFT refuses the same)."""
+    weight = getattr(base_layer, "weight", None)
+    if weight is not None and is_quantized(weight):
+        raise AdapterError(
+            f"layer {name!r}: {needs} needs the base weight in full precision, but it is quantized "
+            f"({type(weight.data).__name__}); use plain LoRA or IA3 on a quantized base"
+        )
+
+
 class AdapterLayer(nn.Module):
     """Base of every adapter layer: holds the frozen base layer and the merge bookkeeping.
 

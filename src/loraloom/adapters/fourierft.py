@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .base import AdapterConfig, AdapterError, AdapterLayer, pattern_value
+from .base import AdapterConfig, AdapterError, AdapterLayer, check_dense, pattern_value
 from .lora import DEFAULT_LORA_TARGETS
 
 # Elements of one gathered spectrum plane in the coefficient gradient (see spectrum_grad).
@@ -81,6 +81,7 @@ class FourierFTConfig(AdapterConfig):
                     )
 
     def make_layer(self, name: str, base_layer: nn.Module) -> FourierFTLayer:
+        check_dense(name, base_layer, "FourierFT")
         n = pattern_value(self.n_frequency_pattern, name, self.n_frequency)
         return FourierFTLayer(base_layer, n, self.scaling, self.random_loc_seed, self.init_weights, name=name)
 

@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from ..tasks import peft_task_type_of
-from .base import ADAPTABLE_LAYERS, AdapterConfig, AdapterError, AdapterLayer
+from .base import ADAPTABLE_LAYERS, AdapterConfig, AdapterError, AdapterLayer, check_mergeable
 
 # Heads trained in full for sequence classification (PEFT adds the same for task_type SEQ_CLS).
 CLASSIFIER_HEADS = ("classifier", "score")
@@ -282,7 +282,10 @@ def count_parameters(model: nn.Module) -> tuple[int, int]:
 def merge(model: nn.Module) -> nn.Module:
     """Add every adapter's delta into its base weight; forward then costs what the base model costs."""
     get_config(model)
-    for _, layer in adapter_layers(model):
+    layers = list(adapter_layers(model))
+    for name, layer in layers:
+        check_mergeable(name, layer.base_layer.weight)  # all checked before any layer changes
+    for _, layer in layers:
         layer.merge()
     return model
 

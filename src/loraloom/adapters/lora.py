@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
-from .base import AdapterConfig, AdapterError, AdapterLayer, kaiming_uniform_, pattern_value
+from .base import AdapterConfig, AdapterError, AdapterLayer, check_dense, kaiming_uniform_, pattern_value
 from .lora_init import check_base_init, init_from_base_, orthogonal_init_, residual_base_
 
 # Default LoRA targets per `model.config.model_type`, as in PEFT.
@@ -196,6 +196,10 @@ class LoraConfig(AdapterConfig):
     def make_empty_layer(self, name: str, base_layer: nn.Module) -> LoraLayer:
         """A layer of the right shapes whose weights are about to be loaded (A = B = 0; the base untouched)."""
         r, alpha = self.rank_and_alpha(name)
+        if self.use_dora or is_pissa(self.init_lora_weights) or self.init_lora_weights == "olora":
+            check_dense(
+                name, base_layer, "use_dora" if self.use_dora else f"init_lora_weights={self.init_lora_weights!r}"
+            )
         init = self.init_lora_weights if self.init_lora_weights in (True, False, "gaussian") else "zeros"
         layer_cls = next((c for c in LORA_LAYER_CLASSES if isinstance(base_layer, c.supported_layers)), LoraLayer)
         try:

@@ -16,7 +16,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from ..adapters.base import AdapterError, AdapterLayer
+from ..adapters.base import AdapterError, AdapterLayer, check_mergeable
 from ..adapters.inject import free_layer, install_layers, uninstall_layers
 from ..adapters.lora import lora_delta, lora_forward
 from .bank import ModuleBank, _weighted_sum
@@ -116,6 +116,8 @@ class Composition:
     def merge(self, weights: torch.Tensor | Sequence[float]) -> nn.Module:
         """Merge the composition for ``weights`` into the base weights and remove the layers."""
         w = self.bank.check_weights(weights, layer_groups=self.layer_groups)
+        for name, layer in self.layers.items():
+            check_mergeable(name, layer.base_layer.weight)
         with torch.no_grad():
             self.set_weights(w)
             for layer in self.layers.values():

@@ -1,0 +1,102 @@
+"""A weight-only int8 frozen base (torchao) with adapters on top: trained, saved, loaded, composed; equal to
+PEFT on the same quantized base; merging refused by name, as are adapters that need the base weight's values."""
+
+from __future__ import annotations
+
+import pytest
+
+torchao = pytest.importorskip("torchao", reason="the quantized base needs torchao (pip install 'loraloom[quant]')")
+
+import torch  # noqa: E402
+from hub_modules import EXAMPLES, make_modules, tokenizer  # noqa: E402
+from tiny_models import logits, model_inputs, tiny_llama, tiny_word_tokenizer  # noqa: E402
+
+import loraloom as ll  # noqa: E402
+from loraloom.adapters.base import is_quantized  # noqa: E402
+from loraloom.cli import main  # noqa: E402
+from loraloom.models import load_base  # noqa: E402
+
+X = model_inputs("llama")
+
+
+@pytest.fixture(scope="module")
+def base(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("base")
+    tiny_llama().save_pretrained(folder)
+    tiny_word_tokenizer(["a b c"]).save_pretrained(folder)
+    return folder
+
+
+def int8(base):
+    return load_base(base, quantize="int8")[0]
+
+
+def test_linear_weights_are_int8_and_outputs_stay_close(base):
+    model, full = int8(base), load_base(base)[0]
+    q_proj = model.model.layers[0].self_attn.q_proj.weight
+    assert is_quantized(q_proj) and q_proj.data.qdata.dtype == torch.int8
+    assert not is_quantized(model.model.embed_tokens.weight)
+    diff = (logits(model, X) - logits(full, X)).abs().max()
+    assert 0 < diff < 0.05
+
+
+def test_lora_on_int8_equals_peft_on_the_same_base_and_trains(base, tmp_path):
+    import peft
+
+    torch.manual_seed(0)
+    model = ll.add_adapter(int8(base), ll.LoraConfig(r=4, init_lora_weights=False), verbose=False)
+    ll.save_adapter(model, tmp_path / "adapter")
+    theirs = peft.PeftModel.from_pretrained(int8(base), str(tmp_path / "adapter"))
+    torch.testing.assert_close(logits(model, X), logits(theirs, X), atol=1e-5, rtol=0)
+    ours = ll.load_adapter(int8(base), tmp_path / "adapter", verbose=False)
+    torch.testing.assert_close(logits(ours, X), logits(model, X), atol=0, rtol=0)
+
+    data = [{"input": "a b", "target": "c"}] * 8
+    result = ll.train(model, tiny_word_tokenizer(["a b c"]), data, None, max_steps=6, lr=1e-2, progress=False)
+    assert result.losses[-1] < result.losses[0]
+    assert is_quantized(model.model.layers[0].self_attn.q_proj.base_layer.weight)  # the base stayed int8
+
+
+def test_merging_into_an_int8_base_is_refused_by_layer(base):
+    model = ll.add_adapter(int8(base), ll.LoraConfig(r=4, init_lora_weights=False), verbose=False)
+    before = logits(model, X)
+    with pytest.raises(ll.AdapterError, match=r"layer 'model.layers.0.self_attn.q_proj': the base weight is quantized"):
+        ll.merge_and_unload(model)
+    torch.testing.assert_close(logits(model, X), before, atol=0, rtol=0)  # nothing half-merged
+
+
+@pytest.mark.parametrize(
+    ("config", "needs"),
+    [(ll.LoraConfig(r=4, use_dora=True), "use_dora"), (ll.FourierFTConfig(n_frequency=8), "FourierFT")],
+    ids=["dora", "fourierft"],
+)
+def test_adapters_that_read_the_base_weight_are_refused(base, config, needs):
+    with pytest.raises(ll.AdapterError, match=rf"{needs} needs the base weight in full precision"):
+        ll.add_adapter(int8(base), config, verbose=False)
+
+
+def test_int4_on_the_cpu_is_a_clear_error(base):
+    with pytest.raises(ValueError, match="int4 needs a CUDA device"):
+        load_base(base, quantize="int4", device="cpu")
+
+
+def test_lorahub_on_an_int8_base(base, tmp_path):
+    model = int8(base)
+    modules = make_modules(tiny_llama(), tmp_path, 3, targets=["q_proj", "v_proj"])
+    tok = tokenizer(add_eos=False)
+    result = ll.lorahub(model, modules, EXAMPLES, tokenizer=tok, budget=8)
+    full = ll.lorahub(load_base(base)[0], modules, EXAMPLES, tokenizer=tok, budget=8)
+    assert result.objective == pytest.approx(full.objective, rel=0.02)
+    with pytest.raises(ll.AdapterError, match="the base weight is quantized"):
+        result.merge()
+
+
+def test_cli_train_and_merge_with_quantize(base, tmp_path, capsys):
+    (tmp_path / "data.jsonl").write_text('{"input": "a b", "target": "c"}\n' * 4)
+    argv = ["train", "--base", str(base), "--train", str(tmp_path / "data.jsonl"), "--max-steps", "2"]
+    assert main([*argv, "--quantize", "int8", "--out", str(tmp_path / "adapter")]) == 0
+    assert ll.read_adapter(tmp_path / "adapter")[0].peft_type == "LORA"
+    capsys.readouterr()
+    argv = ["merge", "--base", str(base), "--adapter", str(tmp_path / "adapter"), "--out", str(tmp_path / "m")]
+    assert main([*argv, "--quantize", "int8"]) == 2
+    assert "the base weight is quantized" in capsys.readouterr().err and not (tmp_path / "m").exists()
