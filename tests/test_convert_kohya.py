@@ -337,7 +337,8 @@ def test_diffusers_and_sgm_names_for_one_block_is_an_error_naming_both(tmp_path)
         (torch.zeros(2, 32), torch.zeros(32, 3), None, r"lora_down has rank 2 but lora_up 3"),
         (torch.zeros(2, 32), torch.zeros(32, 2), torch.ones(2), r"\.alpha: holds 2 values"),
         (torch.zeros(2, 32), torch.zeros(32, 2), torch.tensor(float("nan")), r"\.alpha: is nan"),
-        (torch.full((2, 32), float("inf")), torch.zeros(32, 2), None, r"lora_down holds NaN or inf"),
+        (torch.full((2, 32), float("inf")), torch.zeros(32, 2), None, r"lora_down \(as float32\) holds NaN or inf"),
+        (torch.full((2, 32), 1e300, dtype=torch.float64), torch.zeros(32, 2), None, r"lora_down \(as float32\) holds"),
         (torch.zeros(2, 32, dtype=torch.int8), torch.zeros(32, 2), None, r"has dtype I8"),
     ],
 )

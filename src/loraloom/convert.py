@@ -270,7 +270,7 @@ def _rank_and_alpha(parts: dict[str, torch.Tensor], where: str) -> tuple[int, fl
             raise AdapterError(
                 f"{where}.{part}: a {t.ndim}-dim tensor; expected a 2-dim (linear) or 4-dim (conv) weight"
             )
-        check_finite(t, f"{where}.{part}")
+        check_finite(t.float(), f"{where}.{part} (as float32)")  # 1e300 in float64 loads as inf
     r = down.shape[0]
     if r < 1 or up.shape[1] != r:
         raise AdapterError(f"{where}: lora_down has rank {r} but lora_up {up.shape[1]} (must agree and be >= 1)")
