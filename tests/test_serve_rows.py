@@ -206,7 +206,7 @@ def test_what_rows_cannot_carry_is_refused_naming_the_field(tmp_path, field, con
         AdapterCache(tmp_path).get("x")
 
 
-def test_cache_revalidates_a_changed_folder_and_drops_a_deleted_one(tmp_path, worlds):
+def test_cache_revalidates_a_changed_folder_and_drops_a_deleted_one(tmp_path, worlds, monkeypatch):
     root, _ = worlds("llama")
     shutil.copytree(root / "lora", tmp_path / "x")
     cache = AdapterCache(tmp_path)
@@ -234,6 +234,14 @@ def test_cache_revalidates_a_changed_folder_and_drops_a_deleted_one(tmp_path, wo
     shutil.rmtree(tmp_path / "elsewhere" / "y")
     with pytest.raises(UnknownAdapter, match="'y'.*deleted"):
         cache.get("y")
+    # A relative folder (as --adapter NAME=FOLDER may give), deleted once cached: not mistaken for a hub id.
+    monkeypatch.chdir(tmp_path)
+    shutil.copytree(root / "ia3", tmp_path / "rel" / "z")
+    cache.add("z", "rel/z")
+    shutil.rmtree(tmp_path / "rel" / "z")
+    with pytest.raises(UnknownAdapter, match="'z'.*deleted"):
+        cache.get("z")
+    assert cache.cached() == []
 
 
 def test_a_rewrite_keeping_mtime_and_size_is_still_seen(tmp_path, worlds):

@@ -208,18 +208,25 @@ class AdapterCache:
     def _cached(self, key: tuple, names: list[str], load: Callable[[list[str]], AdapterWeights | ModuleBank]):
         """The cached value of ``key`` if its folders are unchanged, else ``load(sources)`` (once per key at a
         time: a second caller waits for the first one's read, other keys do not wait at all)."""
-        try:
-            sources = [self.source(n) for n in names]  # UnknownAdapter before any file is read
-        except UnknownAdapter:
-            with self._lock:
-                self._lru.pop(key, None)  # deleted or removed: free its memory too
-            raise
+        sources = []
+        for name in names:  # UnknownAdapter before any file is read
+            try:
+                sources.append(self.source(name))
+            except UnknownAdapter:
+                with self._lock:
+                    self._drop(name)  # deleted or removed: free its memory too
+                raise
         stamp = tuple(folder_stamp(s) for s in sources)  # stat calls, outside the lock
         with self._lock:
             hit = self._lru.get(key)
-            if hit is not None and hit.sources == tuple(sources) and hit.stamp == stamp:
-                self._lru.move_to_end(key)
-                return hit.value
+            if hit is not None and hit.sources == tuple(sources):
+                if hit.stamp == stamp:
+                    self._lru.move_to_end(key)
+                    return hit.value
+                gone = [n for n, old, new in zip(names, hit.stamp, stamp, strict=True) if old and new is None]
+                if gone:  # read from a folder that is no longer there (a relative path, which is no hub id either)
+                    self._drop(gone[0])
+                    raise UnknownAdapter(f"adapter {gone[0]!r} not found: its folder was deleted")
             flight = self._loading.get(key)
             owner = flight is None
             if owner:
