@@ -244,9 +244,8 @@ def test_cache_revalidates_a_changed_folder_and_drops_a_deleted_one(tmp_path, wo
     assert cache.cached() == []
 
 
-def test_a_rewrite_keeping_mtime_and_size_is_still_seen(tmp_path, worlds):
+def test_a_rewrite_keeping_mtime_and_size_is_still_seen(tmp_path):
     """copytree keeps the files' mtimes; a same-size rewrite is then told apart by its inode change time."""
-    root, _ = worlds("llama")
     make_modules(tiny_llama(), tmp_path / "a", 1, targets=["q_proj"], seed=1)
     make_modules(tiny_llama(), tmp_path / "b", 1, targets=["q_proj"], seed=2)
     shutil.copytree(tmp_path / "a" / "m00", tmp_path / "pool" / "x")
@@ -262,19 +261,21 @@ def test_a_rewrite_keeping_mtime_and_size_is_still_seen(tmp_path, worlds):
     )
 
 
-def slow_loader(monkeypatch, slow_name: str) -> tuple[threading.Event, threading.Event]:
-    """Make reading ``slow_name`` wait for ``release`` (set ``started`` first): a load that takes long."""
-    started, release = threading.Event(), threading.Event()
+def slow_loader(monkeypatch, slow_name: str) -> tuple[threading.Event, threading.Event, list[str]]:
+    """Make reading ``slow_name`` wait for ``release`` (set ``started`` first): a load that takes long.
+    The list returned collects the name of every read."""
+    started, release, reads = threading.Event(), threading.Event(), []
     real = AdapterWeights.from_folder
 
     def from_folder(source, name, dtype=torch.float32):
+        reads.append(name)
         if name == slow_name:
             started.set()
             assert release.wait(30), "the test never released the slow load"
         return real(source, name, dtype)
 
     monkeypatch.setattr(AdapterWeights, "from_folder", staticmethod(from_folder))
-    return started, release
+    return started, release, reads
 
 
 def test_a_slow_load_blocks_neither_cached_adapters_nor_other_loads(tmp_path, monkeypatch):
@@ -282,7 +283,7 @@ def test_a_slow_load_blocks_neither_cached_adapters_nor_other_loads(tmp_path, mo
     (tmp_path / "m02").rename(tmp_path / "slow")
     cache = AdapterCache(tmp_path)
     cached = cache.get("m00")
-    started, release = slow_loader(monkeypatch, "slow")
+    started, release, reads = slow_loader(monkeypatch, "slow")
     got = []
     threads = [threading.Thread(target=lambda: got.append(cache.get("slow"))) for _ in range(2)]
     threads[0].start()
@@ -295,19 +296,37 @@ def test_a_slow_load_blocks_neither_cached_adapters_nor_other_loads(tmp_path, mo
     release.set()
     for t in threads:
         t.join(10)
-    assert len(got) == 2 and got[0] is got[1] and cache.loads == 3  # m00, m01 and one read of slow
+    assert len(got) == 2 and got[0] is got[1] and reads == ["slow", "m01"]  # one read of slow for both
 
 
-def test_a_failed_load_reaches_every_waiter_and_is_retried(tmp_path):
+def test_a_failed_load_reaches_every_waiter_and_is_retried(tmp_path, monkeypatch):
     make_modules(tiny_llama(), tmp_path, 1, targets=["q_proj"])
     weights = tmp_path / "m00" / "adapter_model.safetensors"
     good = weights.read_bytes()
     weights.write_bytes(good[:50])
     cache = AdapterCache(tmp_path)
-    with pytest.raises(AdapterError, match="adapter_model.safetensors"):
-        cache.get("m00")
+    started, release, reads = slow_loader(monkeypatch, "m00")
+    errors = []
+
+    def ask():
+        try:
+            cache.get("m00")
+        except AdapterError as e:
+            errors.append(e)
+
+    threads = [threading.Thread(target=ask) for _ in range(3)]
+    threads[0].start()
+    assert started.wait(10)
+    for t in threads[1:]:
+        t.start()
+    time.sleep(0.2)  # the others are now waiting on the first one's read
+    release.set()
+    for t in threads:
+        t.join(10)
+    assert len(errors) == 3 and all("adapter_model.safetensors" in str(e) for e in errors) and reads == ["m00"]
+    assert cache.cached() == [] and cache.loads == 0  # not cached: the next use reads again
     weights.write_bytes(good)
-    assert cache.get("m00").kind == "lora"
+    assert cache.get("m00").kind == "lora" and cache.loads == 1
 
 
 # ---- through the HTTP server, with the official openai client ---------------------------------------------
@@ -397,7 +416,7 @@ def test_http_slow_load_does_not_delay_requests_for_cached_adapters(server, monk
     client, adapters = server["client"], server["root"] / "adapters"
     shutil.copytree(adapters / "ia3", adapters / "slow")
     client.completions.create(model="dora", prompt=PROMPT, max_tokens=1)  # cached before the slow load starts
-    started, release = slow_loader(monkeypatch, "slow")
+    started, release, _ = slow_loader(monkeypatch, "slow")
     slow = []
     waiting = threading.Thread(
         target=lambda: slow.append(client.completions.create(model="slow", prompt=PROMPT, max_tokens=8, temperature=0))
