@@ -96,7 +96,7 @@ def ids_batch(rows: int, length: int, seed: int) -> torch.Tensor:
 
 
 @torch.no_grad()
-def alone(model, ids: torch.Tensor, step: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def prefill_and_step(model, ids: torch.Tensor, step: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Prefill logits of ``ids`` and the logits of one decode token ``step`` after them (KV cache)."""
     out = model(input_ids=ids, use_cache=True)
     return out.logits, model(input_ids=step, past_key_values=out.past_key_values, use_cache=True).logits[:, -1]
@@ -112,17 +112,17 @@ def test_mixed_batch_of_every_type_matches_each_adapter_alone_and_peft(worlds, a
     ids, step = ids_batch(len(plan), 7, seed=1), ids_batch(len(plan), 1, seed=2)
     model = FACTORIES[arch]()
     MultiLora(model).set_rows(rows)
-    got_prefill, got_step = alone(model, ids, step)
-    base_prefill, _ = alone(FACTORIES[arch](), ids, step)
+    got_prefill, got_step = prefill_and_step(model, ids, step)
+    base_prefill, _ = prefill_and_step(FACTORIES[arch](), ids, step)
     for i, kind in enumerate(plan):
         row, row_step = ids[i : i + 1], step[i : i + 1]
-        want = alone(
+        want = prefill_and_step(
             ll.load_adapter(FACTORIES[arch](), root / kind, verbose=False) if kind else FACTORIES[arch](), row, row_step
         )
         torch.testing.assert_close(got_prefill[i : i + 1], want[0], atol=1e-5, rtol=1e-5, msg=f"row {i} ({kind})")
         torch.testing.assert_close(got_step[i : i + 1], want[1], atol=1e-5, rtol=1e-5, msg=f"row {i} ({kind}) decode")
         if kind:
-            oracle = alone(peft_models[kind], row, row_step)
+            oracle = prefill_and_step(peft_models[kind], row, row_step)
             torch.testing.assert_close(got_prefill[i : i + 1], oracle[0], atol=1e-5, rtol=1e-5, msg=f"{kind} vs PEFT")
             torch.testing.assert_close(got_step[i : i + 1], oracle[1], atol=1e-5, rtol=1e-5, msg=f"{kind} vs PEFT")
             assert (got_prefill[i] - base_prefill[i]).abs().max() > 1e-3, f"{kind} changes nothing: a vacuous test"
