@@ -1,5 +1,5 @@
-"""Serving many LoRA adapters on one base model: batched multi-adapter layers, an adapter cache,
-continuous batching, and an OpenAI-compatible HTTP server (``loraloom serve``).
+"""Serving many adapters (LoRA, DoRA, IA3, FourierFT) on one base model: batched multi-adapter layers,
+an adapter cache, continuous batching, and an OpenAI-compatible HTTP server (``loraloom serve``).
 
 FastAPI, uvicorn and Ray are imported only by the server modules (``app``, ``replicas``), so the
 batched layers and the engine need nothing beyond the core library.
@@ -7,11 +7,12 @@ batched layers and the engine need nothing beyond the core library.
 
 from .cache import BASE, AdapterCache, UnknownAdapter
 from .engine import Engine, Request, SamplingParams, Scheduler
-from .multi import LoraWeights, MultiLora, MultiLoraLayer
+from .multi import AdapterWeights, LoraWeights, MultiLora, MultiLoraLayer, UnservableAdapter
 
 __all__ = [
     "BASE",
     "AdapterCache",
+    "AdapterWeights",
     "Engine",
     "LoraWeights",
     "MultiLora",
@@ -20,4 +21,5 @@ __all__ = [
     "SamplingParams",
     "Scheduler",
     "UnknownAdapter",
+    "UnservableAdapter",
 ]

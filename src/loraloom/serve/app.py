@@ -37,7 +37,7 @@ from ..devices import resolve_device, resolve_dtype
 from ..models import load_base
 from .cache import BASE, AdapterCache, UnknownAdapter, check_adapter_name, check_cache_options
 from .engine import Engine, Request, SamplingParams, Scheduler, check_max_batch
-from .multi import LoraWeights
+from .multi import LoraWeights, UnservableAdapter
 
 log = logging.getLogger("loraloom.serve")
 
@@ -250,6 +250,8 @@ class _Service:
         except UnknownAdapter as e:
             raise APIError(404, f"the model {body.model!r} does not exist: {e}", param="model",
                            code="model_not_found") from e  # fmt: skip
+        except UnservableAdapter as e:  # a valid adapter with a field rows cannot carry: the message names it
+            raise APIError(400, str(e), param="model", code="adapter_not_servable") from e
         except AdapterError as e:
             log.warning("adapter failed to load: %s", e)
             if body.lorahub_weights is not None:

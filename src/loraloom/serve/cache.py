@@ -1,9 +1,15 @@
-"""The adapter cache: LoRA adapters loaded on first use into a bounded LRU, added and removed while serving.
+"""The adapter cache: adapters loaded on first use into a bounded LRU, added and removed while serving.
 
 Names resolve to a registered source (a folder or a hub id, ``add``) or to a subfolder of the adapters
-directory (a folder dropped there while the server runs is found on first use). Each adapter is read
-with the hub's bank reader (``load_bank``: safetensors or a legacy ``.bin`` through
-``torch.load(weights_only=True)``, LoRA only, errors naming file and layer) and kept as ``LoraWeights``.
+directory (a folder dropped there while the server runs is found on first use). Each adapter is read as
+``AdapterWeights`` (LoRA, DoRA, IA3 or FourierFT: safetensors or a legacy ``.bin`` through
+``torch.load(weights_only=True)``, errors naming file, layer or field); LoraHub compositions read their
+modules with the hub's bank reader.
+
+Every use revalidates a cached folder by the (mtime_ns, size) of its adapter_config.json and weights file
+(and their inode change time): a changed folder is read again, a deleted one is no longer served
+(``UnknownAdapter``). Loads run outside the cache's lock, one per name at a time: reading adapter X never
+blocks a request for a cached adapter Y, and two requests for X wait on the same read.
 
 The limit counts the adapters' tensors (MiB). The least recently used adapters are dropped when a new one
 does not fit; a request that still runs an evicted adapter keeps its own reference until it finishes.
@@ -15,15 +21,17 @@ from __future__ import annotations
 import os
 import threading
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from concurrent.futures import Future
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 
 from ..adapters.base import AdapterError
-from ..adapters.peft_format import CONFIG_NAME
+from ..adapters.peft_format import CONFIG_NAME, LEGACY_WEIGHTS_NAME, WEIGHTS_NAME
 from ..hub.bank import ModuleBank, load_bank
-from .multi import LoraWeights
+from .multi import AdapterWeights
 
 BASE = "base"  # the model name that means "no adapter"
 
@@ -49,8 +57,32 @@ def check_adapter_name(name: str) -> None:
         raise ValueError(f"adapter name {name!r} is reserved or empty")
 
 
+def folder_stamp(source: str) -> tuple | None:
+    """(mtime_ns, size) of a folder's config and weights files (None for a missing one); None for a hub id,
+    whose download does not change under the server. The inode change time too: a copy that kept the old
+    files' mtimes (``cp -p``, ``shutil.copytree``) and their sizes is still a new file."""
+    folder = Path(source)
+    if not folder.is_dir():
+        return None
+    stamp = []
+    for file in (CONFIG_NAME, WEIGHTS_NAME, LEGACY_WEIGHTS_NAME):
+        try:
+            st = (folder / file).stat()
+            stamp.append((st.st_mtime_ns, st.st_size, st.st_ctime_ns))
+        except OSError:
+            stamp.append(None)
+    return tuple(stamp)
+
+
+class _Entry(NamedTuple):
+    value: AdapterWeights | ModuleBank
+    nbytes: int
+    sources: tuple[str, ...]  # what it was read from
+    stamp: tuple  # folder_stamp of each source, taken before the read
+
+
 class AdapterCache:
-    """Bounded LRU of LoRA adapters by name (thread-safe: the server loads from worker threads)."""
+    """Bounded LRU of adapters by name (thread-safe: the server loads from worker threads)."""
 
     def __init__(
         self,
@@ -65,9 +97,11 @@ class AdapterCache:
         self.dtype = dtype
         self.sources: dict[str, str] = {}  # registered with add(): name -> folder or hub id
         self.hidden: set[str] = set()  # folders of the adapters directory that remove() took out of service
-        # ("adapter", name) -> LoraWeights and ("bank", names) -> ModuleBank, least recently used first
-        self._lru: OrderedDict[tuple, tuple[LoraWeights | ModuleBank, int]] = OrderedDict()
+        # ("adapter", name) -> AdapterWeights and ("bank", names) -> ModuleBank, least recently used first
+        self._lru: OrderedDict[tuple, _Entry] = OrderedDict()
+        # Guards the maps above and below, never held while a file is read.
         self._lock = threading.RLock()
+        self._loading: dict[tuple, Future] = {}  # key -> the read in progress, which other requests wait on
         self.loads = 0  # files read so far (tests check that a cached adapter is not read again)
 
     # ---- names -------------------------------------------------------------------------------
@@ -80,9 +114,12 @@ class AdapterCache:
         return sorted(found)
 
     def source(self, name: str) -> str:
-        """The folder or hub id behind ``name``; ``UnknownAdapter`` if there is none."""
+        """The folder or hub id behind ``name``; ``UnknownAdapter`` if there is none (or its folder is gone)."""
         if name in self.sources:
-            return self.sources[name]
+            source = self.sources[name]
+            if Path(source).is_absolute() and not Path(source).is_dir():  # a path, never a hub id: deleted
+                raise UnknownAdapter(f"adapter {name!r} not found: its folder was deleted")
+            return source
         if self.adapters_dir is not None and _plain_name(name) and name not in self.hidden:
             folder = self.adapters_dir / name
             if (folder / CONFIG_NAME).is_file():
@@ -97,15 +134,18 @@ class AdapterCache:
             old = self.sources.get(name)
             self.sources[name] = str(source)
             self._drop(name)
-            if load:
-                try:
-                    self.get(name)
-                except Exception:
+        if not load:
+            return
+        try:
+            self.get(name)
+        except Exception:
+            with self._lock:
+                if self.sources.get(name) == str(source):  # not re-registered meanwhile
                     if old is None:
                         del self.sources[name]
                     else:
                         self.sources[name] = old
-                    raise
+            raise
 
     def remove(self, name: str) -> None:
         """Stop serving ``name``: forgotten, and a folder of the adapters directory is hidden (its files stay)
@@ -123,17 +163,16 @@ class AdapterCache:
 
     # ---- loading -----------------------------------------------------------------------------
 
-    def get(self, name: str) -> LoraWeights:
-        """The adapter ``name``, loaded on first use (``UnknownAdapter``, or ``AdapterError`` naming the file)."""
-        with self._lock:
-            return self._cached(("adapter", name), lambda: LoraWeights.from_bank(self._read([name]), name=name))
+    def get(self, name: str) -> AdapterWeights:
+        """The adapter ``name``, loaded on first use and reloaded when its folder changed (``UnknownAdapter``,
+        ``UnservableAdapter`` naming a field, or ``AdapterError`` naming the file)."""
+        return self._cached(("adapter", name), [name], lambda sources: self._read_adapter(name, sources[0]))
 
     def bank(self, names: Sequence[str]) -> ModuleBank:
         """The named adapters stacked as one hub bank (same rank and layers), cached like an adapter."""
-        with self._lock:
-            return self._cached(("bank", tuple(names)), lambda: self._read(list(names)))
+        return self._cached(("bank", tuple(names)), list(names), lambda sources: self._read_bank(list(names), sources))
 
-    def compose(self, weights: dict[str, float]) -> LoraWeights:
+    def compose(self, weights: dict[str, float]) -> AdapterWeights:
         """LoraHub without a merge: the adapter Σ w_i·A_i, Σ w_i·B_i over the named modules."""
         if not weights:
             raise ValueError("lorahub_weights: give at least one module and its weight")
@@ -141,42 +180,94 @@ class AdapterCache:
         bank = self.bank(names)
         w = bank.check_weights([weights[n] for n in names], source="lorahub_weights")
         label = "+".join(f"{weights[n]:g}*{n}" for n in names)
-        return LoraWeights.from_bank(bank, w, name=f"lorahub({label})")
+        return AdapterWeights.from_bank(bank, w, name=f"lorahub({label})")
 
-    def _read(self, names: list[str]) -> ModuleBank:
-        sources = [self.source(n) for n in names]  # UnknownAdapter before any file is read
+    def _read_adapter(self, name: str, source: str) -> AdapterWeights:
+        try:
+            value = AdapterWeights.from_folder(source, name, dtype=self.dtype)
+        except AdapterError:
+            raise
+        except (OSError, ValueError, RuntimeError) as e:  # a broken file must not take the server down
+            raise AdapterError(f"adapter {name}: failed to load: {e}") from e
+        with self._lock:
+            self.loads += 1
+        return value
+
+    def _read_bank(self, names: list[str], sources: list[str]) -> ModuleBank:
         try:
             bank = load_bank(sources, dtype=self.dtype)
         except AdapterError:
             raise
-        except (OSError, ValueError, RuntimeError) as e:  # a broken file must not take the server down
+        except (OSError, ValueError, RuntimeError) as e:
             raise AdapterError(f"adapter {', '.join(names)}: failed to load: {e}") from e
         bank.names = list(names)
-        self.loads += len(names)
+        with self._lock:
+            self.loads += len(names)
         return bank
 
-    def _cached(self, key: tuple, load):
-        hit = self._lru.get(key)
-        if hit is not None:
-            self._lru.move_to_end(key)
-            return hit[0]
-        value = load()
-        nbytes = value.nbytes if isinstance(value, LoraWeights) else _bank_nbytes(value)
-        if nbytes > self.limit_bytes:
+    def _cached(self, key: tuple, names: list[str], load: Callable[[list[str]], AdapterWeights | ModuleBank]):
+        """The cached value of ``key`` if its folders are unchanged, else ``load(sources)`` (once per key at a
+        time: a second caller waits for the first one's read, other keys do not wait at all)."""
+        sources = []
+        for name in names:  # UnknownAdapter before any file is read
+            try:
+                sources.append(self.source(name))
+            except UnknownAdapter:
+                with self._lock:
+                    self._drop(name)  # deleted or removed: free its memory too
+                raise
+        stamp = tuple(folder_stamp(s) for s in sources)  # stat calls, outside the lock
+        with self._lock:
+            hit = self._lru.get(key)
+            if hit is not None and hit.sources == tuple(sources):
+                if hit.stamp == stamp:
+                    self._lru.move_to_end(key)
+                    return hit.value
+                gone = [n for n, old, new in zip(names, hit.stamp, stamp, strict=True) if old and new is None]
+                if gone:  # read from a folder that is no longer there (a relative path, which is no hub id either)
+                    self._drop(gone[0])
+                    raise UnknownAdapter(f"adapter {gone[0]!r} not found: its folder was deleted")
+            flight = self._loading.get(key)
+            owner = flight is None
+            if owner:
+                flight = self._loading[key] = Future()
+        if not owner:
+            return flight.result()  # the same read's value or error
+        try:
+            value = load(sources)
+            self._insert(key, names, _Entry(value, _nbytes(value), tuple(sources), stamp))
+            flight.set_result(value)
+            return value
+        except BaseException as e:
+            flight.set_exception(e)
+            raise
+        finally:
+            with self._lock:
+                del self._loading[key]
+
+    def _insert(self, key: tuple, names: list[str], entry: _Entry) -> None:
+        if entry.nbytes > self.limit_bytes:
             raise AdapterError(
-                f"{key[0]} {key[1]}: needs {nbytes / 2**20:.1f} MiB, more than the cache limit of "
+                f"{key[0]} {key[1]}: needs {entry.nbytes / 2**20:.1f} MiB, more than the cache limit of "
                 f"{self.limit_bytes / 2**20:.1f} MiB"
             )
-        while self._lru and self.nbytes + nbytes > self.limit_bytes:
-            self._lru.popitem(last=False)  # the least recently used goes first
-        self._lru[key] = (value, nbytes)
-        return value
+        with self._lock:
+            try:
+                current = tuple(self.source(n) for n in names)
+            except UnknownAdapter:
+                current = None
+            if current != entry.sources:  # removed or re-registered while it was read: serve it, do not keep it
+                return
+            self._lru.pop(key, None)
+            while self._lru and self.nbytes + entry.nbytes > self.limit_bytes:
+                self._lru.popitem(last=False)  # the least recently used goes first
+            self._lru[key] = entry
 
     @property
     def nbytes(self) -> int:
         """Bytes of the tensors held (adapters and banks)."""
         with self._lock:
-            return sum(n for _, n in self._lru.values())
+            return sum(e.nbytes for e in self._lru.values())
 
     def cached(self) -> list[str]:
         """Adapter names currently in memory, least recently used first."""
@@ -184,8 +275,10 @@ class AdapterCache:
             return [k[1] for k in self._lru if k[0] == "adapter"]
 
 
-def _bank_nbytes(bank: ModuleBank) -> int:
-    return sum(bank.A[n].nbytes + bank.B[n].nbytes for n in bank.layers)
+def _nbytes(value: AdapterWeights | ModuleBank) -> int:
+    if isinstance(value, AdapterWeights):
+        return value.nbytes
+    return sum(value.A[n].nbytes + value.B[n].nbytes for n in value.layers)
 
 
 def _plain_name(name: str) -> bool:
@@ -193,4 +286,4 @@ def _plain_name(name: str) -> bool:
     return bool(name) and name not in (".", "..") and "/" not in name and "\\" not in name and "\x00" not in name
 
 
-__all__ = ["BASE", "AdapterCache", "UnknownAdapter"]
+__all__ = ["BASE", "AdapterCache", "UnknownAdapter", "folder_stamp"]
