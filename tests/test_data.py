@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import random
 import warnings
 from pathlib import Path
 
@@ -299,3 +300,22 @@ def test_batches_cover_everything_and_shuffle_by_seed():
 )
 def test_normalise_answer(raw, normal):
     assert normalise_answer(raw) == normal
+
+
+def test_batches_by_length_cut_little_padding_and_keep_every_example_once():
+    from loraloom.data import batches, feature_length
+
+    rng = random.Random(0)
+    features = [{"input_ids": [1] * rng.randint(1, 500), "labels": [1] * 3} for _ in range(400)]
+    grouped = list(batches(features, 8, shuffle=True, seed=1, by_length=True))
+    plain = list(batches(features, 8, shuffle=True, seed=1))
+
+    def padding(bs):
+        return sum(max(map(feature_length, b)) * len(b) - sum(map(feature_length, b)) for b in bs)
+
+    assert sorted(id(f) for b in grouped for f in b) == sorted(id(f) for f in features)
+    assert padding(grouped) < padding(plain) / 5
+    assert grouped == list(batches(features, 8, shuffle=True, seed=1, by_length=True))  # same seed, same batches
+    assert grouped != list(batches(features, 8, shuffle=True, seed=2, by_length=True))
+    lengths = [feature_length(b[0]) for b in grouped[:10]]
+    assert lengths != sorted(lengths, reverse=True)  # the batches themselves come in random order

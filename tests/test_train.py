@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import sys
+
 import pytest
 import torch
 from tiny_models import tiny_bert_cls, tiny_gpt2, tiny_llama, tiny_t5, tiny_word_tokenizer
@@ -196,6 +198,8 @@ def test_gradient_accumulation_matches_a_larger_batch():
             epochs=3,
             batch_size=batch_size,
             grad_accum=grad_accum,
+            group_by_length=False,  # the same examples per optimizer step either way
+            bf16=False,  # exact float32 sums to compare
             progress=False,
         )
         return res.losses, ll.adapters.peft_format.adapter_state_dict(model)
@@ -255,3 +259,33 @@ def test_bad_input_errors():
         train(tiny_t5(), tok, MAPPING, grad_accum=0, progress=False)
     with pytest.raises(DataError, match="do not fit the model's 2 labels"):
         train(tiny_bert_cls(num_labels=2), tiny_word_tokenizer(SOURCES), CLS_DATA, progress=False)
+
+
+@pytest.mark.parametrize(
+    ("bf16", "native", "expected"), [(None, True, True), (None, False, False), (False, True, False)]
+)
+def test_bf16_autocast_is_on_by_default_where_the_device_has_it(monkeypatch, bf16, native, expected):
+    monkeypatch.setattr(sys.modules["loraloom.train"], "fast_bf16", lambda device: native)  # ll.train hides the module
+    model = tiny_bert_cls(num_labels=3)
+    seen = []
+    model.register_forward_pre_hook(lambda module, args: seen.append(torch.is_autocast_enabled("cpu")))
+    train(
+        model,
+        tiny_word_tokenizer(SOURCES),
+        CLS_DATA[:4],
+        adapter=lora(BERT_ALL),
+        max_steps=1,
+        bf16=bf16,
+        progress=False,
+    )
+    assert seen == [expected]
+
+
+def test_fast_bf16_reads_the_cpu_flags():
+    from pathlib import Path
+
+    from loraloom.devices import fast_bf16
+
+    flags = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").is_file() else ""
+    assert fast_bf16(torch.device("cpu")) == ("avx512_bf16" in flags or "amx_bf16" in flags)
+    assert fast_bf16(torch.device("meta")) is False

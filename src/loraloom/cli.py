@@ -104,7 +104,7 @@ def add_train(sub: Any) -> None:
     rates = ", ".join(f"{name} {ADAPTER_TYPES[name.upper()].default_lr:g}" for name in adapter_names())
     p.add_argument("--lr", type=float, help=f"default: per adapter type ({rates}, full {FULL_LR:g})")
     p.add_argument("--seed", type=int, default=default_of(TrainArgs, "seed"), help="default: %(default)s")
-    p.add_argument("--bf16", action="store_true", help="bfloat16 autocast")
+    p.add_argument("--bf16", action=argparse.BooleanOptionalAction, help="bfloat16 autocast (default: where native)")
     p.add_argument("--out", required=True, metavar="DIR", help="where the adapter (or full model) is saved")
     p.set_defaults(run=cmd_train)
 

@@ -331,15 +331,41 @@ def collate(
     return batch
 
 
-def batches(features: Sequence[Any], batch_size: int, *, shuffle: bool, seed: int = 0) -> Iterator[list[Any]]:
-    """Consecutive lists of ``batch_size`` features (the last may be shorter), shuffled by ``seed`` if asked."""
+MEGABATCH = 50  # batches sorted by length together (transformers' LengthGroupedSampler uses 50 too)
+
+
+def batches(
+    features: Sequence[Any], batch_size: int, *, shuffle: bool, seed: int = 0, by_length: bool = False
+) -> Iterator[list[Any]]:
+    """Lists of ``batch_size`` features (one may be shorter), shuffled by ``seed`` if asked.
+
+    ``by_length``: each run of ``MEGABATCH`` batches is sorted by length before it is cut, and the batches
+    then shuffled, so a batch holds examples of similar length (little padding) and the order stays random.
+    """
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    rng = random.Random(seed)
     order = list(range(len(features)))
     if shuffle:
-        random.Random(seed).shuffle(order)
-    for start in range(0, len(order), batch_size):
-        yield [features[i] for i in order[start : start + batch_size]]
+        rng.shuffle(order)
+    if by_length:
+        size = MEGABATCH * batch_size
+        for start in range(0, len(order), size):
+            order[start : start + size] = sorted(
+                order[start : start + size], key=lambda i: -feature_length(features[i])
+            )
+    cut = [order[start : start + batch_size] for start in range(0, len(order), batch_size)]
+    if by_length and shuffle:
+        rng.shuffle(cut)
+    for indices in cut:
+        yield [features[i] for i in indices]
+
+
+def feature_length(feature: Any) -> int:
+    """Tokens a feature puts in a batch: its input, plus a seq2seq target (a causal LM's labels are its input)."""
+    labels = feature.get("labels") if isinstance(feature, dict) else None
+    extra = len(labels) if isinstance(labels, list) and len(labels) != len(feature["input_ids"]) else 0
+    return len(feature["input_ids"]) + extra
 
 
 def normalise_answer(s: str) -> str:

@@ -6,6 +6,7 @@ else float32. A device that does not exist here is one clear error, before anyth
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -60,6 +61,20 @@ def resolve_dtype(name: str | torch.dtype | None = "auto", device: torch.device 
     return DTYPES[key]
 
 
+def fast_bf16(device: torch.device) -> bool:
+    """Whether ``device`` computes bfloat16 natively, so autocast to it is faster than float32: CUDA GPUs
+    with bf16 support, CPUs with AVX512-BF16 or AMX (elsewhere bf16 is emulated and slower)."""
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    if device.type != "cpu":
+        return False
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:  # not Linux: no cheap way to tell, so stay in float32
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
 def add_device_arguments(parser: Any) -> Any:
     """``--device`` and ``--dtype``, for every command (and script) that loads a model."""
     parser.add_argument("--device", default="auto", help=f"{DEVICE_CHOICES_HELP} (default: %(default)s)")
@@ -72,4 +87,4 @@ def model_device(model: torch.nn.Module) -> torch.device:
     return next((p.device for p in model.parameters()), torch.device("cpu"))
 
 
-__all__ = ["DTYPES", "add_device_arguments", "model_device", "resolve_device", "resolve_dtype"]
+__all__ = ["DTYPES", "add_device_arguments", "fast_bf16", "model_device", "resolve_device", "resolve_dtype"]

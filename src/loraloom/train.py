@@ -35,6 +35,7 @@ from .data import (
     pad_token_id_of,
     resolve_label2id,
 )
+from .devices import fast_bf16
 from .evaluate import evaluate
 from .files import atomic_folder, check_writable
 from .tasks import TASKS, task_of
@@ -47,9 +48,19 @@ FULL = "full"  # adapter="full": every parameter trains, no adapter layers
 FULL_LR = 3e-5
 # What save_pretrained of a model and its tokenizer writes: a new save replaces all of an older one.
 TRANSFORMERS_FILES = (
-    "*.safetensors", "*.bin", "*.safetensors.index.json", "*.bin.index.json", "config.json",
-    "generation_config.json", "tokenizer*", "special_tokens_map.json", "added_tokens.json", "vocab*",
-    "merges.txt", "spiece.model", "chat_template.*",
+    "*.safetensors",
+    "*.bin",
+    "*.safetensors.index.json",
+    "*.bin.index.json",
+    "config.json",
+    "generation_config.json",
+    "tokenizer*",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "vocab*",
+    "merges.txt",
+    "spiece.model",
+    "chat_template.*",
 )
 
 
@@ -147,8 +158,12 @@ class TrainArgs:
     """Input tokens kept (causal LMs: prompt + target within max_source_length + max_target_length)."""
     max_target_length: int = 128
     """Target tokens kept, and new tokens generated when scoring."""
-    bf16: bool = False
-    """bfloat16 autocast."""
+    bf16: bool | None = None
+    """bfloat16 autocast of the forward pass; None: on where the device computes bf16 natively (``fast_bf16``:
+    CUDA with bf16, CPUs with AVX512-BF16 or AMX), off elsewhere. The trained weights stay float32."""
+    group_by_length: bool = True
+    """Batch examples of similar length (shuffled in megabatches of 50 batches, as transformers'
+    LengthGroupedSampler): on variable-length data most of a batch is otherwise padding."""
 
     def __post_init__(self) -> None:
         if self.task is not None and self.task not in TASKS:
@@ -308,7 +323,8 @@ def run_steps(
     """The training loop: ``total_steps`` optimizer steps of ``grad_accum`` batches; (losses, evaluations)."""
     warmup_steps = min(round(args.warmup_ratio * total_steps), total_steps - 1)
     device = next(model.parameters()).device
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16) if args.bf16 else contextlib.nullcontext()
+    bf16 = fast_bf16(device) if args.bf16 is None else args.bf16
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
     no_cache = {} if task == "classification" else {"use_cache": False}  # no KV cache while training
     losses: list[torch.Tensor] = []  # one per optimizer step, kept on the device: no sync per step
     evals: list[tuple[int, float]] = []
@@ -316,7 +332,8 @@ def run_steps(
     model.train()
     step, epoch = 0, 0
     while step < total_steps:
-        epoch_batches = list(batches(features, args.batch_size, shuffle=True, seed=args.seed + epoch))
+        order = {"shuffle": True, "seed": args.seed + epoch, "by_length": args.group_by_length}
+        epoch_batches = list(batches(features, args.batch_size, **order))
         for start in range(0, len(epoch_batches), args.grad_accum):
             group = epoch_batches[start : start + args.grad_accum]
             step_loss = torch.zeros((), device=device)
