@@ -24,7 +24,7 @@ from .harness import experiment, report
 from .hub import LoraHubResult, SearchSettings, lorahub
 from .hub.arrow import arrow
 from .hub.combine import combine
-from .train import TrainResult, train
+from .train import TrainArgs, TrainResult, train
 
 __version__ = "0.1.0"
 
@@ -39,6 +39,7 @@ __all__ = [
     "LoraConfig",
     "LoraHubResult",
     "SearchSettings",
+    "TrainArgs",
     "TrainResult",
     "add_adapter",
     "arrow",
