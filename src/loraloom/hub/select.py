@@ -159,7 +159,7 @@ def select_embedding(
     seq2seq, eos = task_of(model) == "seq2seq", eos_ids(model)
     pairs = [split_pair(f, seq2seq, eos) for f in features]
     prompts = [split_pair(f, seq2seq, eos)[0] for f in probe] if probe is not None else [p for p, _ in pairs]
-    max_new = max(len(a) for _, a in pairs) + 1  # room for one token more than the longest target
+    max_new = max(len(a) for _, a in pairs)  # a card answer as long as the longest target, no longer
     task = task_embedding(model, features)
     requires_grad = {name: p.requires_grad for name, p in model.named_parameters()}
     scores: dict[str, float] = {}
