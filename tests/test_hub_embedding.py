@@ -61,7 +61,9 @@ def test_the_module_whose_answers_are_the_targets_ranks_first_with_cosine_one(tm
 
 def test_a_module_that_changes_nothing_ranks_first_on_the_base_s_own_answers(tmp_path):
     model = tiny_t5()
-    pool = make_modules(model, tmp_path / "moving", 4, scale=1.0) + make_modules(model, tmp_path / "still", 1, scale=0.0)
+    pool = make_modules(model, tmp_path / "moving", 4, scale=1.0) + make_modules(
+        model, tmp_path / "still", 1, scale=0.0
+    )
     features = encode_few_shot(model, tokenizer(), [ll.Example(e["input"], e["target"]) for e in EXAMPLES])
     chosen = select_embedding(pool, 1, model, _targets_from(model, None, features))
     assert chosen.modules == [pool[-1]] and chosen.scores[pool[-1]] == pytest.approx(1.0, abs=1e-12)
