@@ -285,3 +285,34 @@ def test_cli_combine_bad_input_is_one_line(tmp_path, capsys):
     assert len(err) == 2 and "expected 2" in err[0] and "density" in err[1]
     with pytest.raises(SystemExit):
         main(["combine", *map(str, paths), "--weights", "1", "1", "--how", "nope", "--out", str(tmp_path / "o")])
+
+
+@pytest.mark.parametrize("how", ["ties", "dare_ties", "cat"])
+def test_merge_search_scores_the_merge_it_returns_and_leaves_the_model(tmp_path, how):
+    import copy
+
+    from hub_modules import EXAMPLES, tokenizer
+
+    from loraloom.data import collate
+    from loraloom.hub import SearchSettings, encode_few_shot
+    from loraloom.hub.merge_search import load_combined, merge_search
+
+    model = FACTORIES["t5"]()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    paths = make_modules(tmp_path, "t5")
+    features = encode_few_shot(model, tokenizer(), [ll.Example(e["input"], e["target"]) for e in EXAMPLES])
+    combine_settings = CombineSettings(how, density=None if how == "cat" else 0.5, seed=2)
+    search = SearchSettings(mode="nevergrad", budget=6, seed=1)
+    found, combined = merge_search(model, paths, features, pad_token_id=0, combine=combine_settings, search=search)
+    assert len(found.trace) == 6 and found.complete and not hasattr(model, "loraloom_config")
+    assert model.state_dict().keys() == before.keys()
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+    # the objective of the returned merge, recomputed from scratch: mean token cross-entropy + 0.05 mean|w|
+    merged = load_combined(copy.deepcopy(model), combined).eval()
+    batch = collate(features, 0)
+    with torch.no_grad():
+        logits = merged(**batch).logits
+    loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), batch["labels"].flatten(), ignore_index=-100)
+    w = torch.tensor(found.weights)
+    assert found.objective == pytest.approx(float(loss) + 0.05 * float(w.abs().mean()), abs=1e-5)
+    assert combined.weights == pytest.approx(found.weights)
