@@ -3,7 +3,8 @@
     python benchmarks/composition.py [--quick] [--seeds 1-5] [--tasks a,b] [--methods m1,m2] [--out DIR]
 
 The whole 32-module hub (16 instructed + 16 bare modules) is the pool, N = 20 modules per cell, on the
-demo's held-out tasks (8 bare tasks: the task is known only from the 5 examples), 5 seeds, through the
+demo's held-out tasks (8 bare tasks: the task is known only from the 5 examples), 5 seeds (each drawing its own 5 examples
+and test set, unless ``--split-seed``), through the
 experiment harness with the demo's settings (5 shots, K = 40, 50 test examples per task and seed). With
 the whole hub as the pool, a random 20 holds on average 10 modules of the wrong asking (instructed, of no
 use on a bare input): that is what a smarter selection should fix. Methods (harness/methods.py):
@@ -91,6 +92,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--methods", default=",".join(METHODS), help="default: %(default)s")
     parser.add_argument("--num", type=int, default=20, help="modules per cell (default: %(default)s)")
     parser.add_argument("--out", default=str(DEFAULT_OUT), help="the run folder (default: %(default)s)")
+    split = "one learning/test split for every seed (the paper's BBH protocol: only the module draw and the search "
+    parser.add_argument("--split-seed", type=int, help=split + "seed vary); default: each seed draws its own split")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)  # matrices this small gain nothing from more threads; 2 shared cores here
 
@@ -98,7 +101,7 @@ def main(argv: list[str] | None = None) -> int:
     pool = [str(ARTIFACTS / entry["module"]) for entry in manifest["upstream"].values()]
     names = args.tasks.split(",") if args.tasks else list(manifest["demo"]["tasks"])
     seeds = parse_seeds(args.seeds)
-    changes = {"num_modules": args.num}
+    changes = {"num_modules": args.num, "split_seed": args.split_seed}
     out = Path(args.out)
     if args.quick:
         names, seeds = names[:2], seeds[:2]
