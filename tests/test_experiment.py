@@ -359,3 +359,29 @@ def test_an_interrupted_sweep_keeps_finished_cells_and_a_cut_short_search_is_not
         "2 cell(s) noted" not in results.markdown()
         and "1 cell(s) noted: LoraHub search cut short" in results.markdown()
     )
+
+
+def test_selection_routing_and_merge_methods(world, tmp_path):
+    methods = ["lorahub", "lorahub-arrow", "lorahub-embedding", "arrow", "ties", "dare", "cat"]
+    results = run(world, tmp_path / "run", methods, seeds=(1, 2))
+    by = {(r["task"], r["method"], r["seed"]): r for r in results}
+    assert all(r["status"] == "done" for r in results), [r["error"] for r in results if r["status"] != "done"]
+    for (task, method, seed), r in by.items():
+        if method in ("ties", "dare", "cat"):
+            # lorahub's draw of 4 of the 6 modules for the seed; the weights searched with the same budget
+            assert r["modules"] == by[(task, "lorahub", seed)]["modules"] and len(r["weights"]) == 4
+            assert r["details"]["operator"] == {"ties": "ties", "dare": "dare_ties", "cat": "cat"}[method]
+            assert r["details"]["cost"] == 4 and len(r["details"]["trace"]) == 4
+            assert r["details"]["density"] == (None if method == "cat" else 0.5)
+        elif method == "arrow":  # Arrow's alignment picks the 4, routing (top 3) uses them: no weights
+            assert r["weights"] is None and r["details"]["top_k"] == 3
+            assert r["modules"] == by[(task, "lorahub-arrow", seed)]["details"]["selection"]["modules"]
+        elif method != "lorahub":
+            assert r["details"]["selection"]["method"] == method.removeprefix("lorahub-")
+    settings = ExperimentSettings(merge_density=0.3)
+    assert settings.cell_fields("ties") != ExperimentSettings().cell_fields("ties")  # density is in ties' hash
+    assert settings.cell_fields("cat") == ExperimentSettings().cell_fields("cat")  # ... not in cat's
+    assert ExperimentSettings().cell_fields("cat")["search"]["mode"] == "nevergrad"
+    for bad in ({"merge_density": 0}, {"merge_density": 1.5}, {"arrow_top_k": 0}):
+        with pytest.raises(ValueError, match=next(iter(bad))):
+            ExperimentSettings.from_dict(bad)

@@ -249,3 +249,70 @@ def test_bad_weights_and_mixed_ranks(tmp_path):
         combine([paths[0], other[0]], [1.0, 1.0], "ties", density=0.5)
     combined = combine([paths[0], other[0]], [1.0, 1.0], "cat")  # cat takes mixed ranks
     assert combined.config.r == 6
+
+
+@pytest.mark.parametrize(
+    ("how", "extra"),
+    [("ties", ["--density", "0.6"]), ("dare_linear", ["--density", "0.5", "--seed", "3"]), ("cat", [])],
+)
+def test_cli_combine_writes_what_combine_computes(tmp_path, how, extra, capsys):
+    from loraloom.cli import main
+
+    paths = make_modules(tmp_path, "t5")
+    argv = ["combine", *map(str, paths), "--weights", *map(str, WEIGHTS), "--how", how, *extra]
+    assert main([*argv, "--out", str(tmp_path / "cli")]) == 0
+    assert f"how={how}" in capsys.readouterr().out
+    options = {"density": float(extra[1])} if extra else {}
+    expected = combine(paths, WEIGHTS, how, seed=int(extra[3]) if len(extra) > 2 else 0, **options)
+    loaded = ll.load_adapter(FACTORIES["t5"](), tmp_path / "cli", verbose=False)
+    in_process = ll.load_adapter(FACTORIES["t5"](), expected.save(tmp_path / "api"), verbose=False)
+    assert torch.equal(features(loaded, "t5"), features(in_process, "t5"))
+    for key, tensor in ll.read_adapter(tmp_path / "cli")[1].items():
+        assert torch.equal(tensor, expected.tensors[key]), key
+
+
+def test_cli_combine_bad_input_is_one_line(tmp_path, capsys):
+    from loraloom.cli import main
+
+    paths = make_modules(tmp_path, "t5", n=2)
+    assert (
+        main(["combine", *map(str, paths), "--weights", "1", "--out", str(tmp_path / "o")]) == 2
+    )  # 1 weight, 2 modules
+    assert (
+        main(["combine", *map(str, paths), "--weights", "1", "1", "--how", "ties", "--out", str(tmp_path / "o")]) == 2
+    )
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 2 and "expected 2" in err[0] and "density" in err[1]
+    with pytest.raises(SystemExit):
+        main(["combine", *map(str, paths), "--weights", "1", "1", "--how", "nope", "--out", str(tmp_path / "o")])
+
+
+@pytest.mark.parametrize("how", ["ties", "dare_ties", "cat"])
+def test_merge_search_scores_the_merge_it_returns_and_leaves_the_model(tmp_path, how):
+    import copy
+
+    from hub_modules import EXAMPLES, tokenizer
+
+    from loraloom.data import collate
+    from loraloom.hub import SearchSettings, encode_few_shot
+    from loraloom.hub.merge_search import load_combined, merge_search
+
+    model = FACTORIES["t5"]()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    paths = make_modules(tmp_path, "t5")
+    features = encode_few_shot(model, tokenizer(), [ll.Example(e["input"], e["target"]) for e in EXAMPLES])
+    combine_settings = CombineSettings(how, density=None if how == "cat" else 0.5, seed=2)
+    search = SearchSettings(mode="nevergrad", budget=6, seed=1)
+    found, combined = merge_search(model, paths, features, pad_token_id=0, combine=combine_settings, search=search)
+    assert len(found.trace) == 6 and found.complete and not hasattr(model, "loraloom_config")
+    assert model.state_dict().keys() == before.keys()
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+    # the objective of the returned merge, recomputed from scratch: mean token cross-entropy + 0.05 mean|w|
+    merged = load_combined(copy.deepcopy(model), combined).eval()
+    batch = collate(features, 0)
+    with torch.no_grad():
+        logits = merged(**batch).logits
+    loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), batch["labels"].flatten(), ignore_index=-100)
+    w = torch.tensor(found.weights)
+    assert found.objective == pytest.approx(float(loss) + 0.05 * float(w.abs().mean()), abs=1e-5)
+    assert combined.weights == pytest.approx(found.weights)

@@ -27,6 +27,7 @@ from .evaluate import evaluate
 from .files import check_writable
 from .harness import DEFAULT_METHODS, METHODS, ExperimentSettings, experiment, load_results, report
 from .hub import DEFAULT_MODE, DEFAULT_OPTIMIZER, DEFAULT_POPULATION, MODES, SearchSettings, list_pool, lorahub
+from .hub.combine import CombineSettings, add_combine_arguments, combine
 from .hub.objective import FORMULAS
 from .hub.result import MERGED_DIR
 from .hub.search import ADAM_STEP_COST, DEFAULT_BUDGET, OptimizerError
@@ -243,6 +244,17 @@ def _warning_line(message, category, filename, lineno, file=None, line=None) -> 
     print(f"loraloom: warning: {' '.join(str(message).split())}", file=sys.stderr)
 
 
+def add_combine(sub: Any) -> None:
+    p = sub.add_parser("combine", help="merge LoRA modules, one weight each, into one PEFT folder (no base model)")
+    add_combine_arguments(p).set_defaults(run=cmd_combine)  # MODULE... --weights --how --density --seed --out
+
+
+def cmd_combine(args: argparse.Namespace) -> int:
+    combine(args.modules, args.weights, out=args.out, **dataclasses.asdict(options_of(CombineSettings, args)))
+    print(f"loraloom: combined {len(args.modules)} modules with how={args.how}: wrote {args.out}")
+    return 0
+
+
 # ---- experiment, report ------------------------------------------------------------------------
 
 # `loraloom experiment` flags for the most used settings; every other one through --set NAME=VALUE.
@@ -415,7 +427,7 @@ def cmd_zoo_verify(args: argparse.Namespace) -> int:
     return 0
 
 
-SUBCOMMANDS = (add_train, add_eval, add_merge, add_compose, add_serve, add_inspect, add_convert)
+SUBCOMMANDS = (add_train, add_eval, add_merge, add_compose, add_combine, add_serve, add_inspect, add_convert)
 SUBCOMMANDS += (add_experiment, add_report, add_demo, add_zoo)
 
 

@@ -299,7 +299,8 @@ def unmerge(model: nn.Module) -> nn.Module:
 
 
 def remove_adapter(model: nn.Module) -> nn.Module:
-    """Put the base layers back, discarding any unmerged adapter (merged deltas stay in the weights)."""
+    """Put the base layers back, discarding any unmerged adapter (merged deltas stay in the weights). A base
+    weight that an init rewrote (PiSSA, OLoRA: W - s·B·A) gets its original tensor back, bit for bit."""
     uninstall_layers(model)
     if hasattr(model, CONFIG_ATTR):
         delattr(model, CONFIG_ATTR)

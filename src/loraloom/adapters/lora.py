@@ -317,6 +317,9 @@ class LoraLayer(AdapterLayer):
             self.lora_magnitude_vector = nn.Parameter(magnitude.to(w.dtype))
         # DoRA's norm of the unmerged weight, kept from merge for unmerge (the merged weight no longer has it)
         self._merged_norm: torch.Tensor | None = None
+        # The base weight as it was before PiSSA / OLoRA left W - s·B·A in it (lora_init.residual_from): a
+        # plain attribute, not a buffer, so it is in no state dict; put back by ``release``.
+        self.original_base_weight: torch.Tensor | None = None
 
     # ---- the parts that differ per base layer type ----------------------------------------------
 
@@ -440,6 +443,14 @@ class LoraLayer(AdapterLayer):
         if bias is None:  # PEFT warns at creation that such an adapter cannot merge
             raise AdapterError(f"cannot merge lora_bias into a {type(self.base_layer).__name__} without a bias")
         bias.data += sign * delta.to(bias.dtype)
+
+    @torch.no_grad()
+    def release(self) -> None:
+        # Unmerged, the adapter leaves: the base gets its own weight back. Merged, the weight is the adapted
+        # model (W - s·B0·A0 + s·B·A) that merge_and_unload must keep.
+        if self.original_base_weight is not None and not self.merged:
+            self.base_layer.weight.data.copy_(self.original_base_weight)
+        self.original_base_weight = None
 
     def _write_base(self, matrix: torch.Tensor) -> None:
         w = self.base_layer.weight

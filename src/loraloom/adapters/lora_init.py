@@ -81,6 +81,10 @@ def residual_base_(layer: nn.Module, init: str) -> None:
 
 
 def residual_from(layer: nn.Module, a: torch.Tensor, b: torch.Tensor) -> None:
+    """W ← W - s·B·A, the original W kept aside (once) so that removing the adapter puts it back bit for bit:
+    W - s·B·A + s·B·A is W only up to rounding."""
+    if getattr(layer, "original_base_weight", None) is None:
+        layer.original_base_weight = layer.base_layer.weight.detach().clone()
     _write_base(layer, _base_matrix(layer) - layer.scaling * b @ a)
 
 

@@ -21,13 +21,16 @@ from ..adapters import load_adapter, remove_adapter
 from ..adapters.registry import config_for
 from ..data import Example, pad_token_id_of
 from ..evaluate import evaluate
-from ..hub import encode_few_shot, lorahub, select_retrieval
+from ..hub import encode_few_shot, lorahub, select_arrow, select_random, select_retrieval
+from ..hub.arrow import arrow
+from ..hub.combine import DENSITY_OPS, CombineSettings
+from ..hub.merge_search import load_combined, merge_search
 from ..hub.objective import model_max_length
 from ..tasks import task_of
 from ..train import FULL, train
-from .settings import GRADIENT_METHODS, LORAHUB_METHODS, ExperimentSettings
+from .settings import GRADIENT_METHODS, LORAHUB_METHODS, MERGE_METHODS, ROUTING_METHODS, ExperimentSettings
 
-POOL_METHODS = (*LORAHUB_METHODS, "retrieval-best")
+POOL_METHODS = (*LORAHUB_METHODS, "retrieval-best", *MERGE_METHODS, *ROUTING_METHODS)
 
 
 @dataclass
@@ -169,6 +172,55 @@ def retrieval_best(job: Job, model: nn.Module, tokenizer: Any) -> Outcome:
     return outcome
 
 
+def run_merge(job: Job, model: nn.Module, tokenizer: Any) -> Outcome:
+    """The N modules lorahub draws for this seed, weights searched as lorahub searches them, but every
+    candidate merged with the method's operator (``MERGE_METHODS``: ties, dare_ties, cat); the best merge
+    is loaded into a copy of the base and scored."""
+    s, how = job.settings, MERGE_METHODS[job.method]
+    num = min(s.num_modules, len(job.pool))
+    chosen = select_random(job.pool, num, job.seed)  # lorahub's draw: the operator is the only difference
+    combine = CombineSettings(how, density=s.merge_density if how in DENSITY_OPS else None, seed=job.seed)
+    search = dataclasses.replace(s.search_settings(job.method), seed=job.seed)
+    trial = copy.deepcopy(model)  # the search installs an adapter: the shared base stays as it is
+    features = encode_few_shot(trial, tokenizer, job.learn)
+    found, combined = merge_search(
+        trial, chosen.modules, features, pad_token_id=pad_token_id_of(tokenizer), combine=combine, search=search
+    )
+    if found.interrupted:
+        raise KeyboardInterrupt
+    outcome = score(load_combined(trial, combined), tokenizer, job)
+    outcome.weights, outcome.modules = list(found.weights), list(chosen.modules)
+    outcome.details = {
+        "operator": how,
+        "density": combine.density,
+        "num_modules": num,
+        "pool_size": len(job.pool),
+        "selection": chosen.to_dict(),
+        "objective": found.objective,
+        "trace": [e.objective for e in found.trace],
+        "cost": found.cost,
+        "search": found.method,
+        "complete": found.complete,
+    }
+    if not found.complete:
+        outcome.reason = f"merge search cut short after {len(found.trace)} evaluations: {found.stopped}"
+    return outcome
+
+
+def run_arrow(job: Job, model: nn.Module, tokenizer: Any) -> Outcome:
+    """Arrow routing (per token, top-k modules by prototype alignment) over the N pool modules Arrow's
+    alignment with the learning examples selects; no search, the learning examples only pick the N."""
+    s = job.settings
+    num = min(s.num_modules, len(job.pool))
+    features = encode_few_shot(model, tokenizer, job.learn)
+    selection = select_arrow(job.pool, num, model, features)
+    top_k = min(s.arrow_top_k, num)
+    outcome = score(arrow(copy.deepcopy(model), selection.modules, top_k=top_k), tokenizer, job)
+    outcome.modules = list(selection.modules)
+    outcome.details = {"num_modules": num, "pool_size": len(job.pool), "top_k": top_k, **selection.to_dict()}
+    return outcome
+
+
 def gradient_baseline(job: Job, model: nn.Module, tokenizer: Any) -> Outcome:
     """Train a copy of the base (an adapter, or every weight for "full") on the learning examples, score it."""
     s, name = job.settings, job.method
@@ -202,6 +254,8 @@ METHODS: dict[str, Callable[[Job, nn.Module, Any], Outcome]] = {
     "icl": icl,
     **dict.fromkeys(LORAHUB_METHODS, run_lorahub),
     "retrieval-best": retrieval_best,
+    **dict.fromkeys(MERGE_METHODS, run_merge),
+    "arrow": run_arrow,
     **dict.fromkeys(GRADIENT_METHODS, gradient_baseline),
 }
 

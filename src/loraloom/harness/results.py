@@ -17,15 +17,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .settings import LORAHUB_METHODS
+from .settings import LORAHUB_METHODS, MERGE_METHODS
 from .store import COLUMNS, Store
 
 REPORT_MD, RESULTS_CSV, PLOTS_DIR = "report.md", "results.csv", "plots"
 
 
 def shows_best(method: str) -> bool:
-    """LoraHub methods report the average and the best over seeds (the paper's Table 1)."""
-    return method in LORAHUB_METHODS
+    """LoraHub methods (and the merges searched like them) report the average and the best over seeds (the
+    paper's Table 1)."""
+    return method in LORAHUB_METHODS or method in MERGE_METHODS
 
 
 @dataclass

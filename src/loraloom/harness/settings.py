@@ -24,6 +24,7 @@ import torch
 
 from ..adapters.registry import ADAPTER_TYPES, config_for
 from ..devices import resolve_device, resolve_dtype
+from ..hub.combine import DENSITY_OPS
 from ..hub.search import SearchSettings
 from ..train import FULL, FULL_LR
 
@@ -34,7 +35,14 @@ LORAHUB_METHODS = {
     "lorahub": ("random", "nevergrad"),  # the paper's: N drawn with the seed, gradient-free search
     "lorahub-retrieval": ("retrieval", "nevergrad"),  # the N with the lowest loss on the learning examples
     "lorahub-gradient": ("random", "gradient"),  # Adam on w instead of the gradient-free search
+    "lorahub-arrow": ("arrow", "nevergrad"),  # the N whose Arrow prototypes the learning examples align with
+    "lorahub-embedding": ("embedding", "nevergrad"),  # the N whose effect embedding is nearest the examples'
 }
+# Merge methods: the N modules lorahub draws (random, with the seed), the weights searched as lorahub searches
+# them (nevergrad, budget K, lorahub_options) but every candidate merged with this hub/combine.py operator.
+MERGE_METHODS = {"ties": "ties", "dare": "dare_ties", "cat": "cat"}
+# Arrow routing (hub/arrow.py) over the N modules Arrow's alignment selects: no search at all.
+ROUTING_METHODS = ("arrow",)
 # One gradient baseline per registered adapter type, and full fine-tuning.
 GRADIENT_METHODS = (*(name.lower() for name in ADAPTER_TYPES), FULL)
 # The harness's learning rates where the LoraHub paper's baselines differ from a type's own default_lr.
@@ -60,6 +68,10 @@ class ExperimentSettings:
     budget: int = 40
     """LoraHub K, in forward-pass equivalents in every method (``SearchSettings.budget``): K candidates scored
     (lorahub, lorahub-retrieval), or (K - 1) // 3 Adam steps and one last evaluation (lorahub-gradient)."""
+    merge_density: float = 0.5
+    """ties / dare: the fraction of each module's entries the operator keeps (``CombineSettings.density``)."""
+    arrow_top_k: int = 3
+    """arrow: the modules each token is routed through (PEFT's ArrowConfig default; at most N)."""
     lorahub_options: dict[str, Any] = field(default_factory=dict)
     """Extra keyword arguments for ``ll.lorahub`` in the lorahub* methods (e.g. {"population": 1});
     recorded as given, and each cell also records the settings LoraHub reports it ran with."""
@@ -98,7 +110,7 @@ class ExperimentSettings:
         resolve_dtype(self.dtype, resolve_device(self.device))  # a missing device fails here, before any cell
         if isinstance(self.num_gpus, bool) or not isinstance(self.num_gpus, (int, float)) or not self.num_gpus >= 0:
             raise ValueError(f"ExperimentSettings.num_gpus must be a number >= 0, got {self.num_gpus!r}")
-        for name in ("shots", "num_modules", "budget", "epochs", "gradient_runs", "train_batch_size"):
+        for name in ("shots", "num_modules", "budget", "epochs", "gradient_runs", "train_batch_size", "arrow_top_k"):
             _check_int(self, name, minimum=1)
         _check_int(self, "max_new_tokens", minimum=1)
         _check_int(self, "batch_size", minimum=1)
@@ -117,6 +129,9 @@ class ExperimentSettings:
                 )
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
                 raise ValueError(f"ExperimentSettings lr_{method} must be a positive number, got {value!r}")
+        density = self.merge_density
+        if isinstance(density, bool) or not isinstance(density, (int, float)) or not 0 < density <= 1:
+            raise ValueError(f"ExperimentSettings.merge_density must be in (0, 1], got {density!r}")
         if not isinstance(self.lorahub_options, dict) or not all(isinstance(k, str) for k in self.lorahub_options):
             raise ValueError(
                 f"ExperimentSettings.lorahub_options must be a dict of keyword arguments, got {self.lorahub_options!r}"
@@ -127,7 +142,7 @@ class ExperimentSettings:
                 f"ExperimentSettings.lorahub_options sets {reserved}: the harness passes these itself "
                 "(use num_modules, budget, the seeds and the methods lorahub / lorahub-retrieval / lorahub-gradient)"
             )
-        for method in LORAHUB_METHODS:  # unknown or bad search options fail here, not in every cell
+        for method in (*LORAHUB_METHODS, *MERGE_METHODS):  # unknown or bad search options fail here, not per cell
             try:
                 self.search_settings(method)
             except (TypeError, ValueError) as e:
@@ -192,8 +207,10 @@ class ExperimentSettings:
         names = ["shots", "max_test", "split_seed", "max_new_tokens", "batch_size"]
         if method == "icl":
             names += ["icl_separator", "max_context"]
-        elif method in LORAHUB_METHODS:
-            names += ["num_modules"]
+        elif method in LORAHUB_METHODS or method in MERGE_METHODS:
+            names += ["num_modules"] + (["merge_density"] if MERGE_METHODS.get(method) in DENSITY_OPS else [])
+        elif method in ROUTING_METHODS:
+            names += ["num_modules", "arrow_top_k"]
         elif method in GRADIENT_METHODS:
             names += ["epochs", "train_batch_size"]
         values = {name: getattr(self, name) for name in names}
@@ -202,7 +219,9 @@ class ExperimentSettings:
             values["dtype"] = str(dtype).removeprefix("torch.")
         if method in GRADIENT_METHODS:  # under its old field name: the hashes of earlier runs still match
             values[f"lr_{method}"] = self.learning_rates[method]
-        if method in LORAHUB_METHODS:  # the search as it will run, LoraHub's defaults included (not the seed)
+        if method in MERGE_METHODS:
+            values["operator"] = MERGE_METHODS[method]
+        if method in LORAHUB_METHODS or method in MERGE_METHODS:  # the search as it will run (not the seed)
             search = self.search_settings(method)
             values["search"] = {k: v for k, v in search.to_dict().items() if k != "seed"}
             if search.adam_steps:  # the budget once counted Adam steps: cells from then are other cells
@@ -212,8 +231,9 @@ class ExperimentSettings:
         return values
 
     def search_settings(self, method: str) -> SearchSettings:
-        """The LoraHub search of ``method``'s cells (with seed 0; each cell uses its own seed)."""
-        mode = LORAHUB_METHODS[method][1]
+        """The LoraHub search of ``method``'s cells (with seed 0; each cell uses its own seed); a merge method's
+        is the gradient-free one."""
+        mode = LORAHUB_METHODS[method][1] if method in LORAHUB_METHODS else "nevergrad"
         return SearchSettings.from_options(None, **{**self.lorahub_options, "mode": mode, "budget": self.budget})
 
     def hash(self) -> str:
@@ -233,4 +253,12 @@ def _check_int(settings: ExperimentSettings, name: str, *, minimum: int) -> None
         raise ValueError(f"ExperimentSettings.{name} must be an integer >= {minimum}, got {value!r}")
 
 
-__all__ = ["GRADIENT_METHODS", "LORAHUB_METHODS", "LORAHUB_RESERVED", "ExperimentSettings", "stable_hash"]
+__all__ = [
+    "GRADIENT_METHODS",
+    "LORAHUB_METHODS",
+    "MERGE_METHODS",
+    "ROUTING_METHODS",
+    "LORAHUB_RESERVED",
+    "ExperimentSettings",
+    "stable_hash",
+]

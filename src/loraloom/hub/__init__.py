@@ -25,7 +25,7 @@ from .search import (
     nevergrad_search,
     run_search,
 )
-from .select import Selection, select_arrow, select_random, select_retrieval
+from .select import Selection, select_arrow, select_embedding, select_random, select_retrieval
 
 __all__ = [
     "DEFAULT_MODE",
@@ -55,6 +55,7 @@ __all__ = [
     "read_weights",
     "run_search",
     "select_arrow",
+    "select_embedding",
     "select_random",
     "select_retrieval",
 ]

@@ -25,6 +25,8 @@ masks PEFT draws when torch's global generator holds ``seed`` as its merge loop 
 
 from __future__ import annotations
 
+import argparse
+import dataclasses
 import os
 import re
 from collections import Counter
@@ -293,6 +295,18 @@ def combine_modules(
     return Combined(config, tensors, [m.name for m in modules], w.tolist())
 
 
+def add_combine_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """``loraloom combine``'s options (as ``add_demo_arguments`` for the demo): choices and defaults from here."""
+    default = {f.name: f.default for f in dataclasses.fields(CombineSettings)}
+    parser.add_argument("modules", nargs="+", metavar="MODULE", help="LoRA module folders or hub ids")
+    parser.add_argument("--weights", nargs="+", type=float, required=True, metavar="W", help="one per module")
+    parser.add_argument("--how", choices=HOWS, default=default["how"], help="default: %(default)s")
+    parser.add_argument("--density", type=float, help=f"the fraction of entries kept by {', '.join(DENSITY_OPS)}")
+    parser.add_argument("--seed", type=int, default=default["seed"], help="DARE's masks (default: %(default)s)")
+    parser.add_argument("--out", required=True, metavar="DIR", help="the PEFT folder to write (swapped in whole)")
+    return parser
+
+
 def combine(
     modules: Sequence[str | os.PathLike],
     weights: Sequence[float],
@@ -330,6 +344,7 @@ __all__ = [
     "SVD_OPS",
     "CombineSettings",
     "Combined",
+    "add_combine_arguments",
     "combine",
     "combine_modules",
     "merge_tensors",

@@ -22,7 +22,16 @@ from .compose import Composition
 from .objective import Objective, encode_few_shot, parameters_in
 from .result import LoraHubResult
 from .search import SearchSettings, run_search
-from .select import DEFAULT_NUM, METHODS, Selection, pool_modules, select_arrow, select_random, select_retrieval
+from .select import (
+    DEFAULT_NUM,
+    METHODS,
+    Selection,
+    pool_modules,
+    select_arrow,
+    select_embedding,
+    select_random,
+    select_retrieval,
+)
 
 
 class _Clock:
@@ -64,10 +73,9 @@ def lorahub(
         modules: LoRA module folders or hub ids (all the same rank, alpha and targets), or a bank.
         examples: few-shot (input, target) examples: a .jsonl/.json/.csv file, or a list of dicts,
             pairs or ``Example``s. Too-long examples are truncated to the model's limit with a warning.
-        pool, num, select: instead of ``modules``, choose ``num`` modules from a pool (a folder of
-            module folders, or a list): ``"random"`` draws them with the seed (the paper),
-            ``"retrieval"`` keeps the ``num`` with the lowest few-shot loss on their own, ``"arrow"`` the
-            ``num`` whose prototypes (top right-singular vector of B·A) the examples' tokens align with most.
+        pool, num, select: instead of ``modules``, ``num`` modules from a pool (a folder of module folders, or
+            a list): ``"random"`` drawn with the seed (the paper); the ``num`` best by ``"retrieval"`` (own
+            few-shot loss), ``"arrow"`` (prototype alignment) or ``"embedding"`` (task cards): hub/select.py.
         device: where a base given by name loads ("auto", "cpu", "cuda:1"; a model object stays put).
         settings: how to search (``SearchSettings``: mode, budget, formula, dtype, ...; default when None).
         **options: any ``SearchSettings`` field by name, overriding ``settings`` (``budget=40, seed=1``).
@@ -144,6 +152,8 @@ def _select(modules, pool, num, select, search, model, features, pad_token_id, p
             return select_random(candidates, num, search.seed)
         if select == "arrow":
             return select_arrow(candidates, num, model, features, progress=progress)
+        if select == "embedding":
+            return select_embedding(candidates, num, model, features, progress=progress)
         return select_retrieval(
             candidates, num, model, features, pad_token_id=pad_token_id, dtype=search.torch_dtype, progress=progress
         )

@@ -7,6 +7,10 @@ never sits in memory at once, and each chunk is scored with the population pass 
 Arrow scores every pool module, without running it, by how strongly the few-shot tokens reaching each
 adapted layer align with the module's prototype (the top right-singular vector of its B·A: the input
 direction it changes most), and keeps the N that align most. One base-model pass per example per chunk.
+
+Embedding (hub/embedding.py) ranks every pool module by the cosine of two task embeddings made by the base
+model: the few-shot (input, target) pairs', and the module's own (probe input, greedy answer) pairs' (its
+"task card", written by running it, since pool modules carry no examples). Probes: the few-shot inputs.
 """
 
 from __future__ import annotations
@@ -20,12 +24,16 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from ..adapters.inject import remove_adapter
+from ..adapters.peft_format import load_adapter
+from ..tasks import task_of
 from .arrow import alignment
 from .bank import list_pool, load_bank
 from .compose import Composition
+from .embedding import Feature, cosine, embed_pairs, eos_ids, greedy_answer, split_pair, task_embedding
 from .objective import Objective
 
-METHODS = ("random", "retrieval", "arrow")
+METHODS = ("random", "retrieval", "arrow", "embedding")
 DEFAULT_NUM = 20  # modules composed (the paper's N)
 RETRIEVAL_CHUNK = 32  # modules read and scored together
 
@@ -34,11 +42,11 @@ RETRIEVAL_CHUNK = 32  # modules read and scored together
 class Selection:
     """How the composed modules were chosen."""
 
-    method: str  # "given", "random", "retrieval" or "arrow"
+    method: str  # "given", "random", "retrieval", "arrow" or "embedding"
     modules: list[str]
     pool_size: int
     seed: int | None = None  # random
-    scores: dict[str, float] = field(default_factory=dict)  # retrieval: own loss; arrow: alignment
+    scores: dict[str, float] = field(default_factory=dict)  # retrieval: own loss; arrow: alignment; embedding: cos
 
     def to_dict(self) -> dict:
         return {
@@ -130,4 +138,50 @@ def select_arrow(
     return Selection("arrow", ranked[:num], len(pool), scores=scores)
 
 
-__all__ = ["METHODS", "Selection", "pool_modules", "select_arrow", "select_random", "select_retrieval"]
+def select_embedding(
+    pool: Sequence[str],
+    num: int,
+    model: nn.Module,
+    features: Sequence[Feature],
+    *,
+    probe: Sequence[Feature] | None = None,
+    progress: bool = False,
+) -> Selection:
+    """The ``num`` pool modules whose task card embeds nearest the few-shot examples (ties: pool order).
+
+    Each module is loaded into ``model`` in turn, answers the probe inputs (default: the few-shot inputs)
+    greedily, and is removed (the base comes back bit for bit); the base then embeds the module's (probe,
+    answer) pairs and the examples' (input, target) pairs (``hub/embedding.py``). A fixed ``probe`` makes a
+    module's embedding independent of the task. Deterministic: greedy answers, float64 cosines.
+    """
+    pool = list(pool)
+    _check_num(num, pool)
+    seq2seq, eos = task_of(model) == "seq2seq", eos_ids(model)
+    pairs = [split_pair(f, seq2seq, eos) for f in features]
+    prompts = [split_pair(f, seq2seq, eos)[0] for f in probe] if probe is not None else [p for p, _ in pairs]
+    max_new = max(len(a) for _, a in pairs)  # a card answer as long as the longest target, no longer
+    task = task_embedding(model, features)
+    requires_grad = {name: p.requires_grad for name, p in model.named_parameters()}
+    scores: dict[str, float] = {}
+    for name in tqdm(pool, desc="embedding pool", unit="module", disable=not progress):
+        load_adapter(model, name, verbose=False)
+        try:
+            answers = [greedy_answer(model, p, max_new) for p in prompts]
+        finally:
+            remove_adapter(model)
+        scores[name] = cosine(task, embed_pairs(model, list(zip(prompts, answers, strict=True))))
+    for pname, p in model.named_parameters():
+        p.requires_grad_(requires_grad[pname])
+    ranked = sorted(pool, key=lambda m: -scores[m])
+    return Selection("embedding", ranked[:num], len(pool), scores=scores)
+
+
+__all__ = [
+    "METHODS",
+    "Selection",
+    "pool_modules",
+    "select_arrow",
+    "select_embedding",
+    "select_random",
+    "select_retrieval",
+]
