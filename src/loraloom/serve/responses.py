@@ -82,7 +82,10 @@ class Renderer:
                 continue
             logprob, alternatives = entry
             out["token_logprobs"].append(logprob)
-            out["top_logprobs"].append({self.token(i): lp for i, lp in alternatives} | {text: logprob})
+            top: dict[str, float] = {}
+            for i, lp in [*alternatives, (token_id, logprob)]:  # tokens whose texts coincide: the likeliest's
+                top.setdefault(self.token(i), lp)
+            out["top_logprobs"].append(top)
         return out
 
     def chat_logprobs(self, ids: list[int], entries: list[TokenLogprob | None]) -> dict:
