@@ -30,7 +30,9 @@ class ServerMetrics:
     def collect(self) -> Iterator[Metric]:
         scheduler, engine = self.scheduler, self.scheduler.engine
         yield _gauge("num_requests_waiting", "Requests waiting for a row of the batch.", len(scheduler.waiting))
-        yield _gauge("num_requests_running", "Rows in the running batch.", len(engine.rows))
+        # A finished row leaves the batch at the next step: it is no longer running.
+        running = sum(not r.finished for r in list(engine.rows))
+        yield _gauge("num_requests_running", "Rows in the running batch.", running)
         yield CounterMetricFamily(PREFIX + "generation_tokens", "Tokens generated, all rows.",
                                   value=engine.generated_tokens)  # fmt: skip
         yield _gauge("generation_tokens_per_second", f"Tokens generated per second over the last {RATE_WINDOW:g} s.",
