@@ -321,6 +321,12 @@ def test_streams_carry_every_choice_logprobs_and_a_final_usage_chunk(client):
         tokens = [t for c in mine if c.logprobs for t in c.logprobs.tokens]
         assert tokens == whole.choices[index].logprobs.tokens
         assert mine[-1].finish_reason == whole.choices[index].finish_reason
+    echoed = list(client.completions.create(model="m00", prompt=PROMPT, max_tokens=4, temperature=0, echo=True,
+                                            logprobs=2, stream=True))  # fmt: skip
+    whole = client.completions.create(model="m00", prompt=PROMPT, max_tokens=4, temperature=0, echo=True, logprobs=2)
+    assert "".join(c.choices[0].text for c in echoed) == whole.choices[0].text
+    streamed = [t for c in echoed if c.choices[0].logprobs for t in c.choices[0].logprobs.token_logprobs]
+    assert streamed == whole.choices[0].logprobs.token_logprobs and streamed[0] is None
     chat = list(client.chat.completions.create(
         model="base", messages=[{"role": "user", "content": "copy: owl"}], max_tokens=4, temperature=0, n=2,
         stream=True, stream_options={"include_usage": True}, logprobs=True, top_logprobs=1,

@@ -309,10 +309,9 @@ class _Service:
             return f"data: {json.dumps(data)}\n\n"
 
         try:
-            for choice in job.choices:
-                first = self.render.first_piece(choice, chat, job.logprobs)
-                if first is not None:
-                    yield event([first])
+            if chat:
+                for choice in job.choices:
+                    yield event([self.render.role_piece(choice)])
             async for request in self.scheduler.follow(job.requests):
                 if request.finish_reason == "error":  # the stream ends with the error; its other rows are freed
                     error = {"message": request.error, "type": "server_error", "param": None, "code": None}
@@ -328,8 +327,12 @@ class _Service:
                 self.scheduler.cancel(request)
 
     def pieces(self, choice: Choice, chat: bool, logprobs: bool) -> list[dict]:
-        """A choice's new text (if any), then its finish once it has finished."""
+        """A choice's echo (the first time: its row has been prefilled), its new text (if any), then its finish
+        once it has finished."""
         out = []
+        if choice.echo and not choice.echoed:
+            choice.echoed = True
+            out.append(self.render.echo_piece(choice, logprobs))
         piece = self.render.next_piece(choice, chat, logprobs)
         if piece is not None:
             out.append(piece)

@@ -21,6 +21,7 @@ class Choice:
     request: Request
     echo: str = ""  # the prompt's text, given back before the output (completions' echo)
     offset: int = 0  # text_offset of the next token sent (completions' logprobs)
+    echoed: bool = False  # its echo has been sent (a stream sends it after the prefill: its logprobs need it)
     done: bool = False  # its last chunk has been sent
 
 
@@ -119,13 +120,14 @@ class Renderer:
 
     # ---- stream chunks (the choice part) ---------------------------------------------------------
 
-    def first_piece(self, choice: Choice, chat: bool, logprobs: bool) -> dict | None:
-        """What a choice's stream starts with: chat's role; a completion's echoed prompt (and its logprobs)."""
-        if chat:
-            return {"index": choice.index, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
-                    "finish_reason": None}  # fmt: skip
-        if not choice.echo:
-            return None
+    @staticmethod
+    def role_piece(choice: Choice) -> dict:
+        """What a chat choice's stream starts with."""
+        return {"index": choice.index, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
+                "finish_reason": None}  # fmt: skip
+
+    def echo_piece(self, choice: Choice, logprobs: bool) -> dict:
+        """A completion's echoed prompt (and its logprobs: sent once its row has been prefilled)."""
         r = choice.request
         lp = self.completion_logprobs(choice, r.prompt_ids, r.prompt_logprobs) if logprobs else None
         return {"index": choice.index, "text": choice.echo, "logprobs": lp, "finish_reason": None}
