@@ -476,7 +476,7 @@ def pick(waiting: list[Request], running: Sequence[Request], room: int, max_lora
     At most ``room`` join. With ``max_loras``, a request whose adapter is not yet in the batch joins only while
     the batch holds fewer distinct adapters than that (the base model takes no slot, as in vLLM); the requests
     after one held back may still join."""
-    active = {id(r.adapter) for r in running if r.adapter is not None}
+    active = {id(r.adapter) for r in running if r.adapter is not None and not r.finished}  # finished: leaving
     new, held = [], []
     for r in waiting:
         lora_ok = r.adapter is None or id(r.adapter) in active or max_loras is None or len(active) < max_loras
