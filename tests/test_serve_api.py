@@ -30,7 +30,8 @@ from loraloom.cli import build_parser, options_of  # noqa: E402
 from loraloom.models import load_base  # noqa: E402
 from loraloom.serve import AdapterCache, Engine, Request, SamplingParams  # noqa: E402
 from loraloom.serve.app import Access, create_app  # noqa: E402
-from loraloom.serve.engine import pick  # noqa: E402
+from loraloom.serve.engine import lora_rank, pick  # noqa: E402
+from loraloom.serve.multi import LoraWeights  # noqa: E402
 from loraloom.serve.options import ServeOptions, named_adapters  # noqa: E402
 
 TEMPLATE = "{% for m in messages %}{{ m['role'] }} : {{ m['content'] }} {% endfor %}assistant :"
@@ -443,6 +444,13 @@ def test_vllm_flags_are_aliases(world):
     assert named_adapters(['{"name": "d", "path": "/x", "base_model_name": "m"}']) == {"d": "/x"}
     with pytest.raises(ValueError, match="max_loras"):
         ServeOptions(base=str(world / "base"), max_loras=0)
+
+
+def test_lora_rank_reads_the_largest_a_and_ignores_vectors(world):
+    cache = AdapterCache(world / "adapters")
+    assert lora_rank(cache.get("m00")) == 4 and lora_rank(cache.get("wide00")) == 8
+    vectors = LoraWeights("ia3-like", {"x": (torch.ones(3), False)})  # a type without a rank
+    assert lora_rank(vectors) == 0
 
 
 def test_max_lora_rank_refuses_higher_ranks(world):

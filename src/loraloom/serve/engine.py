@@ -167,8 +167,10 @@ def check_max_batch(max_batch: int, max_loras: int | None = None, max_lora_rank:
 
 
 def lora_rank(adapter: LoraWeights) -> int:
-    """The largest rank among an adapter's layers."""
-    return max((a.shape[0] for a, _, _ in adapter.layers.values()), default=0)
+    """The largest LoRA rank among an adapter's layers: a layer's first tensor, when it is a matrix, is LoRA's A
+    (r x d_in); types without a rank (IA3's scales, FourierFT's spectrum: vectors) count 0, as in vLLM."""
+    ranks = [t[0].shape[0] for t in adapter.layers.values() if isinstance(t[0], torch.Tensor) and t[0].ndim == 2]
+    return max(ranks, default=0)
 
 
 class Engine:
