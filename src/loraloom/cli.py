@@ -35,6 +35,7 @@ from .hub.select import DEFAULT_NUM
 from .hub.select import METHODS as SELECT_METHODS
 from .models import QUANTIZE, load_base
 from .seeds import parse_seeds
+from .serve.options import ServeOptions, add_serve_arguments, named_adapters
 from .tasks import TASKS
 from .train import FULL, FULL_LR, TrainArgs, save_full_model, train
 
@@ -353,30 +354,15 @@ def cmd_convert(args: argparse.Namespace) -> int:
 
 def add_serve(sub: Any) -> None:
     p = sub.add_parser("serve", parents=[PLACE_OPTIONS], help="an OpenAI-compatible server for many adapters")
-    p.add_argument("--base", required=True, help="base causal LM: a local folder or a hub id")
-    p.add_argument("--adapters", metavar="DIR", help="folder of adapter folders (a request's model names one)")
-    p.add_argument("--adapter", action="append", metavar="NAME=SOURCE", help="one more adapter: folder or hub id")
-    p.add_argument("--host", default="127.0.0.1", help="default: %(default)s")
-    p.add_argument("--port", type=int, default=8000, help="default: %(default)s")
-    p.add_argument("--max-batch", type=int, default=32, help="rows decoded together (default: %(default)s)")
-    p.add_argument("--cache-mib", type=float, default=1024.0, help="adapter cache limit (default: %(default)s)")
-    p.add_argument("--ray-replicas", type=int, default=0, metavar="N", help="N replicas with Ray Serve")
-    p.add_argument("--gpus-per-replica", type=float, default=0.0, help="Ray Serve: GPUs each replica asks for")
-    p.add_argument("--api-key", default=os.environ.get("LORALOOM_API_KEY"), help="Bearer key every request needs")
-    p.add_argument("--allow-adapter-management", action="store_true", help="POST/DELETE /v1/adapters (off)")
-    p.add_argument("--allow-path", action="append", default=[], metavar="DIR", help="more folders to POST from")
-    p.add_argument("--allow-hub", action="store_true", help="POSTed adapters may be hub ids (off)")
-    p.add_argument("--max-body-mib", type=float, default=8.0, help="larger request bodies get 413 (default 8)")
-    p.set_defaults(run=cmd_serve)
+    add_serve_arguments(p).set_defaults(run=cmd_serve)  # one flag per ServeOptions field, vLLM's names beside
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
     try:
-        from .serve.app import ServeOptions, named_adapters
         from .serve.launch import serve
     except ImportError as e:
         raise ValueError(f"loraloom serve needs FastAPI and uvicorn: pip install 'loraloom[serve]' ({e})") from e
-    serve(options_of(ServeOptions, args, named=named_adapters(args.adapter or [])))
+    serve(options_of(ServeOptions, args, named=named_adapters(args.named or [])))
     return 0
 
 

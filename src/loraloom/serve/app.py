@@ -1,112 +1,71 @@
 """The OpenAI-compatible HTTP server (FastAPI + uvicorn): ``loraloom serve``.
 
 Endpoints: ``GET /v1/models``, ``POST /v1/completions``, ``POST /v1/chat/completions`` (when the tokenizer
-has a chat template), ``stream: true`` as server-sent events. The request's ``model`` names an adapter
-(``base`` for none); the extension field ``lorahub_weights: {module: weight}`` composes modules of the
-server's adapters for that request (LoraHub without a merge). ``POST /v1/adapters`` {"name", "source"} and
-``DELETE /v1/adapters/{name}`` add and remove adapters while serving.
+has a chat template), ``stream: true`` as server-sent events, with OpenAI's sampling fields (``n``, ``seed``,
+``stop``, penalties, ``logit_bias``, ``logprobs``, ``echo``, token-id and list prompts, ``stream_options``).
+The request's ``model`` names an adapter (``base`` for none); the extension field ``lorahub_weights:
+{module: weight}`` composes modules of the server's adapters for that request (LoraHub without a merge).
+``POST /v1/adapters`` {"name", "source"} and ``DELETE /v1/adapters/{name}`` (and vLLM's
+``POST /v1/load_lora_adapter`` / ``/v1/unload_lora_adapter``) add and remove adapters while serving.
+``GET /metrics`` gives the server's state in Prometheus' text format; ``GET /health`` answers without a key.
 
 Errors carry OpenAI's body ``{"error": {"message", "type", "param", "code"}}``: 404 for an unknown adapter,
-400 for malformed JSON or fields, a prompt too long, or weights over modules the server does not have; an
-adapter folder that fails to load is a 500 naming the file (the server goes on).
+400 for malformed JSON or fields, a field this server does not implement, a prompt too long, or weights over
+modules the server does not have; an adapter folder that fails to load is a 500 naming the file (the server
+goes on).
 """
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import hmac
 import json
 import logging
 import re
 import time
 import uuid
+from collections import Counter
 from contextlib import asynccontextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 from fastapi import FastAPI
 from fastapi import Request as HTTPRequest
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, StreamingResponse
-from pydantic import BaseModel, ConfigDict, Field
+from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..adapters.base import AdapterError
-from ..devices import resolve_device, resolve_dtype
 from ..models import load_base
-from .cache import BASE, AdapterCache, UnknownAdapter, check_adapter_name, check_cache_options
-from .engine import Engine, Request, SamplingParams, Scheduler, check_max_batch
+from .cache import BASE, AdapterCache, UnknownAdapter
+from .engine import Engine, Request, SamplingParams, Scheduler
+from .metrics import ServerMetrics
 from .multi import LoraWeights, UnservableAdapter
+from .options import ServeOptions, named_adapters
+from .protocol import (
+    MAX_ROWS,
+    AdapterBody,
+    APIError,
+    ChatBody,
+    CompletionBody,
+    LoadLoraBody,
+    UnloadLoraBody,
+    _Generation,
+)
+from .responses import Choice, Job, Renderer
 
 log = logging.getLogger("loraloom.serve")
 
 DISCONNECT_POLL = 0.5  # seconds between checks that a client waiting for a whole completion is still there
+# Routes open without the API key: liveness probes, as vLLM's /health. /metrics is not among them: vLLM leaves
+# it open, but its own security guide counts the routes its key does not cover as a weakness (a scraper sends
+# the key with Prometheus' `authorization` setting).
+OPEN_PATHS = frozenset({"/health"})
 
 
-class APIError(Exception):
-    def __init__(self, status: int, message: str, type: str = "invalid_request_error", param: str | None = None,
-                 code: str | None = None) -> None:  # fmt: skip
-        super().__init__(message)
-        self.status, self.message, self.type, self.param, self.code = status, message, type, param, code
-
-    def response(self) -> JSONResponse:
-        body = {"message": self.message, "type": self.type, "param": self.param, "code": self.code}
-        return JSONResponse({"error": body}, status_code=self.status)
-
-
-# ---- request bodies (unknown fields are ignored, as OpenAI's own server does for new clients) ------------
-
-
-class _Generation(BaseModel):
-    # strict: "3" is not a number, and a field this server does not implement is a 400 naming it, never dropped
-    model_config = ConfigDict(extra="forbid", strict=True)
-
-    model: str
-    max_tokens: int | None = None  # sampling values are checked once, by SamplingParams
-    max_completion_tokens: int | None = None  # the newer name of max_tokens
-    user: str | None = None  # an end-user id for the log; no effect on the output
-    temperature: float = 1.0
-    top_p: float = 1.0
-    n: int = Field(1, ge=1, le=1)
-    stream: bool = False
-    stop: str | list[str] | None = None
-    seed: int | None = None
-    lorahub_weights: dict[str, float] | None = None
-
-
-class CompletionBody(_Generation):
-    prompt: str | list[str]
-
-
-class ChatMessage(BaseModel):
-    model_config = ConfigDict(extra="ignore")
-
-    role: Literal["system", "user", "assistant", "developer"]
-    content: str | list[dict[str, Any]]
-
-    def text(self) -> str:
-        if isinstance(self.content, str):
-            return self.content
-        parts = []
-        for part in self.content:
-            if part.get("type") != "text" or not isinstance(part.get("text"), str):
-                raise APIError(400, "messages: only text content parts are supported", param="messages")
-            parts.append(part["text"])
-        return "".join(parts)
-
-
-class ChatBody(_Generation):
-    messages: list[ChatMessage] = Field(min_length=1)
-
-
-class AdapterBody(BaseModel):
-    name: str = Field(min_length=1)
-    source: str = Field(min_length=1)
-    replace: bool = False
-
-
-# ---- the app -----------------------------------------------------------------------------------
+# ---- who may do what ---------------------------------------------------------------------------
 
 
 ADAPTER_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
@@ -119,7 +78,7 @@ class Access:
     api_key: str | None = None
     """Bearer token every request must carry (``Authorization: Bearer KEY``); None: no authentication."""
     manage: bool = False
-    """Adapter management (POST/DELETE /v1/adapters) on; off by default."""
+    """Adapter management (POST/DELETE /v1/adapters, vLLM's load/unload_lora_adapter) on; off by default."""
     roots: tuple[str, ...] = ()
     """Folders a POSTed adapter may come from (the adapters folder and each --allow-path)."""
     hub: bool = False
@@ -155,37 +114,48 @@ class Access:
 
 
 class Guard:
-    """Every request, before its body is read: the API key, then the declared body size.
+    """Every request, before its body is read: the API key (but on OPEN_PATHS), then the declared body size;
+    and every response's status counted for /metrics.
 
     Plain ASGI, not an HTTP middleware class: those hide a client's disconnect from the routes. A body sent
     without a content-length (chunked) is not measured here.
     """
 
-    def __init__(self, app: Any, access: Access) -> None:
-        self.app, self.access = app, access
+    def __init__(self, app: Any, access: Access, statuses: Counter[str]) -> None:
+        self.app, self.access, self.statuses = app, access, statuses
 
     async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
-        if scope["type"] == "http":
-            headers = dict(scope.get("headers") or [])
-            size = headers.get(b"content-length", b"").decode("latin-1")
-            refusal = None
-            if not self.access.authorised(headers.get(b"authorization", b"").decode("latin-1") or None):
-                refusal = APIError(
-                    401, "invalid or missing API key (Authorization: Bearer KEY)", code="invalid_api_key"
-                )
-            elif size and (not size.isdigit() or int(size) > self.access.max_body_bytes):
-                refusal = APIError(413, f"request body over {self.access.max_body_bytes} bytes")
-            if refusal is not None:
-                await refusal.response()(scope, receive, send)
-                return
-        await self.app(scope, receive, send)
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+
+        async def counted(message: dict) -> None:
+            if message["type"] == "http.response.start":
+                self.statuses[str(message["status"])] += 1
+            await send(message)
+
+        headers = dict(scope.get("headers") or [])
+        size = headers.get(b"content-length", b"").decode("latin-1")
+        key = headers.get(b"authorization", b"").decode("latin-1") or None
+        refusal = None
+        if scope.get("path") not in OPEN_PATHS and not self.access.authorised(key):
+            refusal = APIError(401, "invalid or missing API key (Authorization: Bearer KEY)", code="invalid_api_key")
+        elif size and (not size.isdigit() or int(size) > self.access.max_body_bytes):
+            refusal = APIError(413, f"request body over {self.access.max_body_bytes} bytes")
+        if refusal is not None:
+            await refusal.response()(scope, receive, counted)
+            return
+        await self.app(scope, receive, counted)
 
 
 class _Service:
-    """What the routes share: the engine (the base model), its scheduler and the adapter cache."""
+    """What the routes share: the engine (the base model), its scheduler, the adapter cache and the access."""
 
-    def __init__(self, engine: Engine, cache: AdapterCache) -> None:
-        self.engine, self.cache, self.scheduler = engine, cache, Scheduler(engine)
+    def __init__(self, engine: Engine, cache: AdapterCache, access: Access) -> None:
+        self.engine, self.cache, self.access, self.scheduler = engine, cache, access, Scheduler(engine)
+        self.render = Renderer(engine.tokenizer)
+        self.statuses: Counter[str] = Counter()  # HTTP responses by status code (the Guard counts them)
+        self.metrics = ServerMetrics(self.scheduler, cache, self.statuses)
         self.created = int(time.time())
 
     @asynccontextmanager
@@ -200,30 +170,75 @@ class _Service:
         return {"id": name, "object": "model", "created": self.created, "owned_by": "loraloom", "parent": parent}
 
     def fits(self, adapter: LoraWeights) -> LoraWeights:
-        """``adapter``, checked against the base's layer shapes before it joins a batch (AdapterError if not):
-        an adapter made for another base fails its own request, never the running batch."""
-        self.engine.multi.check(adapter)
+        """``adapter``, checked against the base's layer shapes (AdapterError if not) and --max-lora-rank (400)
+        before it joins a batch: an adapter made for another base fails its own request, never the batch."""
+        try:
+            self.engine.check_adapter(adapter)
+        except AdapterError:  # another base's shapes: a 500 naming the adapter, as a file that fails to load
+            raise
+        except ValueError as e:  # over --max-lora-rank
+            raise APIError(400, str(e), param="model") from e
         return adapter
 
-    async def admit(self, body: _Generation, ids: list[int], default_max_tokens: int | None) -> Request:
-        self.scheduler.start()  # idempotent: for hosts that skip the lifespan events
-        adapter = await self.adapter_for(body)
+    # ---- admission -----------------------------------------------------------------------------
+
+    async def completion_prompts(self, body: CompletionBody) -> tuple[list[list[int]], list[str]]:
+        """(token ids, text) of each prompt: a string, strings, token ids, or lists of token ids."""
+        prompts: list = [body.prompt] if isinstance(body.prompt, str) else list(body.prompt)
+        if not prompts:
+            raise APIError(400, "prompt: give at least one prompt", param="prompt")
+        if isinstance(prompts[0], int):  # one prompt of token ids
+            prompts = [prompts]
+        tokenizer = self.engine.tokenizer
+        if isinstance(prompts[0], str):  # tokenized off the event loop
+            ids = await asyncio.to_thread(lambda: [tokenizer(p)["input_ids"] for p in prompts])
+            return ids, prompts
+        return prompts, [tokenizer.decode(p, skip_special_tokens=False) for p in prompts] if body.echo else []
+
+    def sampling(self, body: _Generation, ids: list[int], default_max_tokens: int | None) -> SamplingParams:
+        """One prompt's SamplingParams from the body, every value checked (APIError 400 naming it)."""
         given = body.max_tokens if body.max_tokens is not None else body.max_completion_tokens
         max_tokens = given if given is not None else default_max_tokens
         if max_tokens is None:  # chat: up to the end of the context
             max_tokens = max(1, (self.engine.max_positions or len(ids) + 256) - len(ids))
         try:
+            self.engine.check_tokens(ids)
             self.engine.check_length(len(ids), max_tokens)
         except ValueError as e:
             raise APIError(400, str(e), param="prompt", code="context_length_exceeded" if ids else None) from e
+        bias = body.logit_bias_ids()
+        logprobs, prompt_logprobs = body.wanted_logprobs()
         try:
+            self.engine.check_tokens(list(bias), "logit_bias")
             stop = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
-            params = SamplingParams(
-                max_tokens=max_tokens, temperature=body.temperature, top_p=body.top_p, seed=body.seed, stop=stop
-            )
+            return SamplingParams(
+                max_tokens=max_tokens, temperature=body.temperature, top_p=body.top_p, seed=body.seed, stop=stop,
+                presence_penalty=body.presence_penalty, frequency_penalty=body.frequency_penalty, logit_bias=bias,
+                logprobs=logprobs, prompt_logprobs=prompt_logprobs,
+            )  # fmt: skip
         except ValueError as e:
             raise APIError(400, str(e)) from e
-        return self.scheduler.submit(Request(ids, adapter, params))
+
+    async def admit(
+        self, body: _Generation, prompts: list[list[int]], echoes: list[str], default_max_tokens: int | None
+    ) -> Job:
+        """Every row of the request (prompts x n) checked, then queued together; choice i*n+j is prompt i's j-th.
+
+        With a seed, row j of a prompt samples with seed + j: distinct rows, the same on every call."""
+        self.scheduler.start()  # idempotent: for hosts that skip the lifespan events
+        body.refuse_unsupported()
+        if len(prompts) * body.n > MAX_ROWS:
+            raise APIError(400, f"prompts x n is {len(prompts) * body.n}, over {MAX_ROWS} rows a request", param="n")
+        params = [self.sampling(body, ids, default_max_tokens) for ids in prompts]
+        adapter = await self.adapter_for(body)
+        queue: asyncio.Queue = asyncio.Queue()  # one for the request's rows: its handler follows them together
+        choices = []
+        for i, (ids, base) in enumerate(zip(prompts, params, strict=True)):
+            for j in range(body.n):
+                row = dataclasses.replace(base, seed=(base.seed + j) % 2**63) if j and base.seed is not None else base
+                request = self.scheduler.submit(Request(list(ids), adapter, row), queue)
+                choices.append(Choice(i * body.n + j, request, echo=echoes[i] if echoes else ""))
+        return Job(choices, prompt_tokens=sum(len(ids) for ids in prompts), logprobs=params[0].logprobs is not None)
 
     async def adapter_for(self, body: _Generation) -> LoraWeights | None:
         try:
@@ -260,60 +275,106 @@ class _Service:
         except ValueError as e:
             raise APIError(400, str(e), param="lorahub_weights") from e
 
-    async def respond(self, request: Request, body: _Generation, http: HTTPRequest, chat: bool):
+    # ---- answers -------------------------------------------------------------------------------
+
+    async def respond(self, job: Job, body: _Generation, http: HTTPRequest, chat: bool):
         rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24]
         now = int(time.time())
         if body.stream:
-            return StreamingResponse(self.events(request, body, rid, now, chat), media_type="text/event-stream")
-        done = asyncio.ensure_future(self.scheduler.complete(request))
+            return StreamingResponse(self.events(job, body, rid, now, chat), media_type="text/event-stream")
+        done = asyncio.ensure_future(self.scheduler.complete_all(job.requests))
         try:
             while not (await asyncio.wait({done}, timeout=DISCONNECT_POLL))[0]:
-                if await http.is_disconnected():  # the client went away: free its row at the next step
+                if await http.is_disconnected():  # the client went away: free its rows at the next step
                     done.cancel()
                     return JSONResponse({}, status_code=499)
         finally:
-            done.cancel()  # no-op once finished; cancels the request if this handler itself is cancelled
-        if request.finish_reason == "error":
-            raise APIError(500, request.error or "generation failed", type="server_error")
-        usage = _usage(request)
+            done.cancel()  # no-op once finished; cancels the rows if this handler itself is cancelled
+        error = job.error()
+        if error is not None:
+            raise APIError(500, error, type="server_error")
         if chat:
-            choice = {
-                "index": 0,
-                "message": {"role": "assistant", "content": request.text},
-                "finish_reason": request.finish_reason,
-                "logprobs": None,
-            }
-            return {"id": rid, "object": "chat.completion", "created": now, "model": body.model,
-                    "choices": [choice], "usage": usage}  # fmt: skip
-        choice = {"index": 0, "text": request.text, "finish_reason": request.finish_reason, "logprobs": None}
-        return {"id": rid, "object": "text_completion", "created": now, "model": body.model,
-                "choices": [choice], "usage": usage}  # fmt: skip
+            choices = [self.render.chat_choice(c, job.logprobs) for c in job.choices]
+        else:
+            choices = [self.render.completion_choice(c, job.logprobs) for c in job.choices]
+        return {"id": rid, "object": "chat.completion" if chat else "text_completion", "created": now,
+                "model": body.model, "choices": choices, "usage": job.usage()}  # fmt: skip
 
-    async def events(self, request: Request, body: _Generation, rid: str, now: int, chat: bool):
+    async def events(self, job: Job, body: _Generation, rid: str, now: int, chat: bool):
+        """The server-sent events of a streamed request: each choice's pieces as its row makes them."""
         obj = "chat.completion.chunk" if chat else "text_completion"
+        with_usage = body.stream_options is not None and body.stream_options.include_usage
 
-        def chunk(text: str | None, finish: str | None, first: bool = False) -> str:
-            if chat:
-                delta = ({"role": "assistant"} if first else {}) | ({"content": text} if text is not None else {})
-                choice = {"index": 0, "delta": delta, "finish_reason": finish, "logprobs": None}
-            else:
-                choice = {"index": 0, "text": text or "", "finish_reason": finish, "logprobs": None}
-            data = {"id": rid, "object": obj, "created": now, "model": body.model, "choices": [choice]}
+        def event(choices: list[dict], **more: Any) -> str:
+            data = {"id": rid, "object": obj, "created": now, "model": body.model, "choices": choices}
+            data |= ({"usage": None} if with_usage else {}) | more  # OpenAI: usage null but in the last chunk
             return f"data: {json.dumps(data)}\n\n"
 
         try:
             if chat:
-                yield chunk("", None, first=True)
-            async for text in self.scheduler.stream(request):
-                yield chunk(text, None)
-            if request.finish_reason == "error":
-                error = {"message": request.error, "type": "server_error", "param": None, "code": None}
-                yield f"data: {json.dumps({'error': error})}\n\n"
-            else:
-                yield chunk(None if chat else "", request.finish_reason)
+                for choice in job.choices:
+                    yield event([self.render.role_piece(choice)])
+            async for request in self.scheduler.follow(job.requests):
+                if request.finish_reason == "error":  # the stream ends with the error; its other rows are freed
+                    error = {"message": request.error, "type": "server_error", "param": None, "code": None}
+                    yield f"data: {json.dumps({'error': error})}\n\n"
+                    return
+                for piece in self.pieces(job.choice_of(request), chat, job.logprobs):
+                    yield event([piece])
+            if with_usage:
+                yield event([], usage=job.usage())
             yield "data: [DONE]\n\n"
-        finally:  # the client went away (or the stream ended): free the row
-            self.scheduler.cancel(request)
+        finally:  # the client went away (or the stream ended): free the rows
+            for request in job.requests:
+                self.scheduler.cancel(request)
+
+    def pieces(self, choice: Choice, chat: bool, logprobs: bool) -> list[dict]:
+        """A choice's echo (the first time: its row has been prefilled), its new text (if any), then its finish
+        once it has finished."""
+        out = []
+        if choice.echo and not choice.echoed:
+            choice.echoed = True
+            out.append(self.render.echo_piece(choice, logprobs))
+        piece = self.render.next_piece(choice, chat, logprobs)
+        if piece is not None:
+            out.append(piece)
+        if choice.request.finished and not choice.done:
+            choice.done = True
+            out.append(self.render.last_piece(choice, chat))
+        return out
+
+    # ---- adapter management ----------------------------------------------------------------------
+
+    async def add_adapter(self, name: str, source: str, replace: bool) -> None:
+        """Load ``source`` as ``name`` (POST /v1/adapters, vLLM's load_lora_adapter), every check first."""
+        self.access.check_manage()
+        if not ADAPTER_NAME.fullmatch(name) or name == BASE:
+            raise APIError(400, "name: 1-64 letters, digits, '.', '_' or '-', not 'base'", param="name")
+        exists = name in self.cache.names()
+        if exists and not replace:
+            raise APIError(409, f"an adapter named {name!r} exists: send replace: true", param="name")
+        source = self.access.source(source)
+        previous = self.cache.source(name) if exists else None
+        try:
+            await asyncio.to_thread(self.cache.add, name, source)
+        except (AdapterError, ValueError) as e:  # the details (paths, config values) go to the log, not the client
+            log.warning("adapter %r failed to load: %s", name, e)
+            raise APIError(400, f"adapter {name!r} failed to load: not a valid adapter folder", param="source") from e
+        try:  # the base's shapes and --max-lora-rank: refused now rather than at its first request
+            self.engine.check_adapter(await asyncio.to_thread(self.cache.get, name))
+        except (AdapterError, ValueError) as e:
+            if previous is not None:
+                self.cache.add(name, previous, load=False)
+            else:
+                self.cache.remove(name)
+            raise APIError(400, str(e), param="source") from e
+
+    def remove_adapter(self, name: str) -> None:
+        self.access.check_manage()
+        try:
+            self.cache.remove(name)
+        except UnknownAdapter as e:
+            raise APIError(404, str(e), param="model", code="model_not_found") from e
 
 
 def add_error_handlers(app: FastAPI) -> None:
@@ -339,18 +400,28 @@ def add_error_handlers(app: FastAPI) -> None:
 def create_app(engine: Engine, cache: AdapterCache, access: Access | None = None) -> FastAPI:
     """The FastAPI app serving ``engine`` (the base model) with the adapters of ``cache``, as ``access`` allows
     (default: no key, no adapter management)."""
-    access = access or Access()
-    service = _Service(engine, cache)
-    scheduler = service.scheduler
+    service = _Service(engine, cache, access or Access())
     app = FastAPI(title="loraloom", lifespan=service.lifespan)
-    app.add_middleware(Guard, access=access)
-    app.state.scheduler, app.state.cache, app.state.engine = scheduler, cache, engine
+    app.add_middleware(Guard, access=service.access, statuses=service.statuses)
+    app.state.scheduler, app.state.cache, app.state.engine = service.scheduler, cache, engine
     add_error_handlers(app)
-    card = service.card
+    add_admin_routes(app, service)
+    add_generation_routes(app, service)
+    return app
+
+
+def add_admin_routes(app: FastAPI, service: _Service) -> None:
+    """Health, metrics, the model list and adapter management (ours and vLLM's names)."""
+    cache, card = service.cache, service.card
 
     @app.get("/health")
     async def health() -> dict:
         return {"status": "ok"}
+
+    @app.get("/metrics")
+    async def metrics() -> Response:
+        body, content_type = service.metrics.exposition()
+        return Response(body, media_type=content_type)
 
     @app.get("/v1/models")
     async def models() -> dict:
@@ -364,126 +435,48 @@ def create_app(engine: Engine, cache: AdapterCache, access: Access | None = None
 
     @app.post("/v1/adapters")
     async def add_adapter(body: AdapterBody) -> dict:
-        access.check_manage()
-        if not ADAPTER_NAME.fullmatch(body.name) or body.name == BASE:
-            raise APIError(400, "name: 1-64 letters, digits, '.', '_' or '-', not 'base'", param="name")
-        if body.name in cache.names() and not body.replace:
-            raise APIError(409, f"an adapter named {body.name!r} exists: send replace: true", param="name")
-        source = access.source(body.source)
-        try:
-            await asyncio.to_thread(cache.add, body.name, source)
-        except (AdapterError, ValueError) as e:  # the details (paths, config values) go to the log, not the client
-            log.warning("adapter %r failed to load: %s", body.name, e)
-            raise APIError(
-                400, f"adapter {body.name!r} failed to load: not a valid adapter folder", param="source"
-            ) from e
+        await service.add_adapter(body.name, body.source, body.replace)
         return {"id": body.name, "object": "model", "created": int(time.time()), "owned_by": "loraloom"}
 
     @app.delete("/v1/adapters/{name}")
     async def remove_adapter(name: str) -> dict:
-        access.check_manage()
-        try:
-            cache.remove(name)
-        except UnknownAdapter as e:
-            raise APIError(404, str(e), param="model", code="model_not_found") from e
+        service.remove_adapter(name)
         return {"id": name, "object": "model", "deleted": True}
+
+    @app.post("/v1/load_lora_adapter")
+    async def load_lora_adapter(body: LoadLoraBody) -> PlainTextResponse:
+        await service.add_adapter(body.lora_name, body.lora_path, body.load_inplace)
+        return PlainTextResponse(f"Success: LoRA adapter '{body.lora_name}' added successfully.")
+
+    @app.post("/v1/unload_lora_adapter")
+    async def unload_lora_adapter(body: UnloadLoraBody) -> PlainTextResponse:
+        service.remove_adapter(body.lora_name)
+        return PlainTextResponse(f"Success: LoRA adapter '{body.lora_name}' removed successfully.")
+
+
+def add_generation_routes(app: FastAPI, service: _Service) -> None:
+    engine = service.engine
 
     @app.post("/v1/completions")
     async def completions(body: CompletionBody, http: HTTPRequest):
-        prompts = [body.prompt] if isinstance(body.prompt, str) else body.prompt
-        if len(prompts) != 1:
-            raise APIError(400, "prompt: give one prompt per request (a string)", param="prompt")
-        ids = (await asyncio.to_thread(engine.tokenizer, prompts[0]))["input_ids"]  # off the event loop
-        request = await service.admit(body, ids, default_max_tokens=16)
-        return await service.respond(request, body, http, chat=False)
+        prompts, texts = await service.completion_prompts(body)
+        job = await service.admit(body, prompts, texts if body.echo else [], default_max_tokens=16)
+        return await service.respond(job, body, http, chat=False)
 
     @app.post("/v1/chat/completions")
     async def chat_completions(body: ChatBody, http: HTTPRequest):
         tokenizer = engine.tokenizer
         if not getattr(tokenizer, "chat_template", None):
             raise APIError(400, "this model's tokenizer has no chat template; use /v1/completions", param="messages")
-        messages = [{"role": m.role, "content": m.text()} for m in body.messages]
+        messages = [{"role": m.role, "content": m.text()} | ({"name": m.name} if m.name else {})
+                    for m in body.messages]  # fmt: skip
         try:
             text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
         except Exception as e:  # a template may reject a conversation (e.g. roles out of order)
             raise APIError(400, f"messages: the chat template rejected them: {e}", param="messages") from e
         ids = (await asyncio.to_thread(tokenizer, text, add_special_tokens=False))["input_ids"]
-        request = await service.admit(body, ids, default_max_tokens=None)
-        return await service.respond(request, body, http, chat=True)
-
-    return app
-
-
-def _usage(request: Request) -> dict[str, int]:
-    prompt, completion = len(request.prompt_ids), len(request.output_ids)
-    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
-
-
-def named_adapters(items: list[str]) -> dict[str, str]:
-    """``["name=folder-or-hub-id", ...]`` (``--adapter``) -> {name: source}."""
-    named = {}
-    for item in items:
-        name, sep, source = item.partition("=")
-        if not sep or not name or not source:
-            raise ValueError(f"--adapter {item}: expected NAME=FOLDER_OR_HUB_ID")
-        named[name] = source
-    return named
-
-
-@dataclass
-class ServeOptions:
-    """What ``loraloom serve`` takes, checked before the model loads."""
-
-    base: str
-    """The base causal LM: a local folder or a hub id."""
-    adapters: str | None = None
-    """A folder of adapter folders; each subfolder name is a ``model`` name. None: only named ones."""
-    named: dict[str, str] = field(default_factory=dict)
-    """More adapters by name: name -> folder or hub id, loaded on first use like the folder's."""
-    host: str = "127.0.0.1"
-    port: int = 8000
-    max_batch: int = 32
-    """Rows decoded together at most; more requests wait for a free row."""
-    cache_mib: float = 1024.0
-    """Memory for loaded adapters (and composition banks), least recently used dropped first."""
-    ray_replicas: int = 0
-    """0: one process. N >= 1: N replicas behind one endpoint with Ray Serve."""
-    device: str = "auto"
-    """Where the base runs: auto (cuda, else mps, else cpu), cpu, cuda, cuda:N or mps."""
-    dtype: str = "auto"
-    """The base's precision: fp32, bf16, fp16, or auto (bf16 on GPUs that support it)."""
-    gpus_per_replica: float = 0.0
-    """Ray Serve: GPUs each replica asks for (fractional allowed)."""
-    api_key: str | None = None
-    """Every request must carry ``Authorization: Bearer API_KEY`` (``--api-key``, or LORALOOM_API_KEY)."""
-    allow_adapter_management: bool = False
-    """POST / DELETE /v1/adapters: off unless asked for."""
-    allow_path: tuple[str, ...] = ()
-    """Folders besides ``adapters`` that POSTed adapters may be loaded from."""
-    allow_hub: bool = False
-    """A POSTed source may be a hub id to download."""
-    max_body_mib: float = 8.0
-    """Larger request bodies are refused (413)."""
-
-    def __post_init__(self) -> None:
-        # Each component's own check, run here before the model loads.
-        check_cache_options(self.adapters, self.cache_mib)
-        check_max_batch(self.max_batch)
-        resolve_dtype(self.dtype, resolve_device(self.device))
-        if not self.gpus_per_replica >= 0:
-            raise ValueError(f"--gpus-per-replica must be >= 0, got {self.gpus_per_replica}")
-        for name in self.named:
-            check_adapter_name(name)
-        if not 0 <= self.port < 65536:
-            raise ValueError(f"--port must be in 0..65535, got {self.port}")
-        self.allow_path = tuple(self.allow_path)
-        for folder in self.allow_path:
-            if not Path(folder).is_dir():
-                raise ValueError(f"--allow-path {folder}: not a directory")
-        if not self.max_body_mib > 0:
-            raise ValueError(f"--max-body-mib must be positive, got {self.max_body_mib}")
-        if self.ray_replicas < 0:
-            raise ValueError(f"--ray-replicas must be >= 0, got {self.ray_replicas}")
+        job = await service.admit(body, [ids], [], default_max_tokens=None)
+        return await service.respond(job, body, http, chat=True)
 
 
 def build_app(options: ServeOptions) -> FastAPI:
@@ -500,7 +493,9 @@ def build_app(options: ServeOptions) -> FastAPI:
         hub=options.allow_hub,
         max_body_bytes=int(options.max_body_mib * 2**20),
     )
-    return create_app(Engine(model, tokenizer, max_batch=options.max_batch), cache, access)
+    engine = Engine(model, tokenizer, max_batch=options.max_batch, max_loras=options.max_loras,
+                    max_lora_rank=options.max_lora_rank)  # fmt: skip
+    return create_app(engine, cache, access)
 
 
 __all__ = ["APIError", "Access", "ServeOptions", "named_adapters", "build_app", "create_app"]

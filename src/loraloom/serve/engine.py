@@ -12,13 +12,19 @@ and the position ids count only real tokens, so a row's numbers do not depend on
 batch. Columns of padding shared by every row are cropped when rows leave, so the cache does not grow
 with the batch's history. ``Scheduler`` runs the steps from an asyncio loop: requests arrive at any time
 and join at the next boundary; tokens go back to each request's queue as they are made.
+
+Sampling is per row: each request's ``SamplingParams`` (temperature, top_p, seed, penalties, logit bias,
+logprobs) apply to its own row of the batch's logits, so requests with different settings share one batch.
+A greedy row without penalties or bias takes the batch's argmax as it always did (bit for bit).
 """
 
 from __future__ import annotations
 
 import asyncio
 import itertools
-from collections.abc import Sequence
+import time
+from collections import Counter, deque
+from collections.abc import AsyncIterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
@@ -29,6 +35,12 @@ from torch import nn
 from transformers import DynamicCache
 
 from .multi import LoraWeights, MultiLora
+
+MAX_LOGPROBS = 20  # alternatives per token at most (vLLM's default max_logprobs)
+RATE_WINDOW = 10.0  # seconds over which the tokens/s gauge averages
+
+# One token's log-probability and its top alternatives: (logprob, [(token id, logprob), ...] best first).
+TokenLogprob = tuple[float, list[tuple[int, float]]]
 
 
 @dataclass
@@ -45,10 +57,27 @@ class SamplingParams:
     """Seed of this request's sampler: same seed, same tokens."""
     stop: list[str] = field(default_factory=list)
     """Generation ends before the first of these strings (not included in the text)."""
+    presence_penalty: float = 0.0
+    """Subtracted once from the logit of every token already generated (OpenAI's formula), in [-2, 2]."""
+    frequency_penalty: float = 0.0
+    """Subtracted from a token's logit once per time it was already generated, in [-2, 2]."""
+    logit_bias: dict[int, float] = field(default_factory=dict)
+    """Token id -> bias in [-100, 100] added to its logit before sampling (-100 in effect forbids it)."""
+    logprobs: int | None = None
+    """Record each generated token's log-probability and this many top alternatives (None: nothing)."""
+    prompt_logprobs: int | None = None
+    """The same for the prompt's tokens (``echo`` with ``logprobs``); the first token has none."""
 
     def __post_init__(self) -> None:
-        if not isinstance(self.max_tokens, int) or self.max_tokens < 1:
-            raise ValueError(f"max_tokens must be a positive integer, got {self.max_tokens!r}")
+        scoring = self.max_tokens == 0 and self.prompt_logprobs is not None  # 0 new tokens: score the prompt only
+        if (
+            isinstance(self.max_tokens, bool)
+            or not isinstance(self.max_tokens, int)
+            or not (self.max_tokens > 0 or scoring)
+        ):
+            raise ValueError(
+                f"max_tokens must be a positive integer (0 only with echo and logprobs), got {self.max_tokens!r}"
+            )
         if not 0.0 <= self.temperature <= 2.0:
             raise ValueError(f"temperature must be in [0, 2], got {self.temperature!r}")
         if not 0.0 < self.top_p <= 1.0:
@@ -57,6 +86,21 @@ class SamplingParams:
             raise ValueError(f"seed must be an integer in [0, 2**63), got {self.seed!r}")
         if len(self.stop) > 4 or any(not s for s in self.stop):
             raise ValueError("stop: at most 4 non-empty strings")
+        for name in ("presence_penalty", "frequency_penalty"):
+            if not -2.0 <= getattr(self, name) <= 2.0:
+                raise ValueError(f"{name} must be in [-2, 2], got {getattr(self, name)!r}")
+        for token, bias in self.logit_bias.items():
+            if isinstance(token, bool) or not isinstance(token, int) or token < 0 or not -100.0 <= bias <= 100.0:
+                raise ValueError(f"logit_bias: token ids >= 0 with biases in [-100, 100], got {token!r}: {bias!r}")
+        for name in ("logprobs", "prompt_logprobs"):
+            k = getattr(self, name)
+            if k is not None and (isinstance(k, bool) or not 0 <= k <= MAX_LOGPROBS):
+                raise ValueError(f"{name} must be in [0, {MAX_LOGPROBS}], got {k!r}")
+
+    @property
+    def adjusts(self) -> bool:
+        """Penalties or a logit bias change this row's logits before a token is chosen."""
+        return bool(self.presence_penalty or self.frequency_penalty or self.logit_bias)
 
 
 _ids = itertools.count()
@@ -76,8 +120,12 @@ class Request:
     finish_reason: str | None = None  # "stop", "length", "cancelled" or "error"
     error: str | None = None
     cancelled: bool = False
-    queue: asyncio.Queue | None = None  # set by the scheduler: wakes the waiting handler
+    queue: asyncio.Queue | None = None  # set by the scheduler: gets the request after each step that changed it
     generator: torch.Generator | None = None
+    logprobs: list[TokenLogprob] = field(default_factory=list)  # one per output id (params.logprobs set)
+    prompt_logprobs: list[TokenLogprob | None] = field(default_factory=list)  # one per prompt id (first: None)
+    sent_logprobs: int = 0  # entries of ``logprobs`` already handed out by ``take_logprobs``
+    counted: bool = False  # the scheduler has counted its finish (for /metrics)
 
     @property
     def finished(self) -> bool:
@@ -94,6 +142,11 @@ class Request:
         out, self.sent = self.text[self.sent : end], end
         return out
 
+    def take_logprobs(self) -> tuple[list[int], list[TokenLogprob]]:
+        """The output ids and logprobs recorded since the last call (a stream sends them with its next piece)."""
+        start, self.sent_logprobs = self.sent_logprobs, len(self.logprobs)
+        return self.output_ids[start : self.sent_logprobs], self.logprobs[start : self.sent_logprobs]
+
 
 def max_positions(model: nn.Module) -> int | None:
     config = model.config
@@ -104,22 +157,44 @@ def max_positions(model: nn.Module) -> int | None:
     return None
 
 
-def check_max_batch(max_batch: int) -> None:
-    """The one check of the batch limit (``Engine`` and ``ServeOptions`` call it)."""
+def check_max_batch(max_batch: int, max_loras: int | None = None, max_lora_rank: int | None = None) -> None:
+    """The one check of the batch limits (``Engine`` and ``ServeOptions`` call it)."""
     if isinstance(max_batch, bool) or not isinstance(max_batch, int) or max_batch < 1:
         raise ValueError(f"max_batch must be >= 1, got {max_batch}")
+    for name, value in (("max_loras", max_loras), ("max_lora_rank", max_lora_rank)):
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+            raise ValueError(f"{name} must be >= 1, got {value}")
+
+
+def lora_rank(adapter: LoraWeights) -> int:
+    """The largest LoRA rank among an adapter's layers: a layer's first tensor, when it is a matrix, is LoRA's A
+    (r x d_in); types without a rank (IA3's scales, FourierFT's spectrum: vectors) count 0, as in vLLM."""
+    ranks = [t[0].shape[0] for t in adapter.layers.values() if isinstance(t[0], torch.Tensor) and t[0].ndim == 2]
+    return max(ranks, default=0)
 
 
 class Engine:
     """The model, its multi-adapter layers and the running batch (call from one thread at a time)."""
 
-    def __init__(self, model: nn.Module, tokenizer: Any, *, max_batch: int = 32) -> None:
+    def __init__(
+        self,
+        model: nn.Module,
+        tokenizer: Any,
+        *,
+        max_batch: int = 32,
+        max_loras: int | None = None,
+        max_lora_rank: int | None = None,
+    ) -> None:
         if getattr(model.config, "is_encoder_decoder", False):
             raise ValueError("serving runs causal LMs (decoder-only); got an encoder-decoder model")
-        check_max_batch(max_batch)
+        check_max_batch(max_batch, max_loras, max_lora_rank)
         self.model = model.eval()
         self.tokenizer = tokenizer
         self.max_batch = max_batch
+        self.max_loras = max_loras  # distinct adapters in the running batch at most (vLLM's --max-loras)
+        self.max_lora_rank = max_lora_rank  # adapters of a higher rank are refused (vLLM's --max-lora-rank)
+        self.vocab_size = int(model.get_output_embeddings().weight.shape[0])
+        self.generated_tokens = 0  # tokens made so far, every row (for /metrics)
         self.multi = MultiLora(model)
         self.device = next(model.parameters()).device
         self.max_positions = max_positions(model)
@@ -147,6 +222,19 @@ class Engine:
                 f"tokens and max_tokens is {max_tokens} ({prompt_len + max_tokens} in all)"
             )
 
+    def check_tokens(self, ids: Sequence[int], what: str = "prompt") -> None:
+        """ValueError unless every id is a token of this model's vocabulary."""
+        bad = [t for t in ids if isinstance(t, bool) or not isinstance(t, int) or not 0 <= t < self.vocab_size]
+        if bad:
+            raise ValueError(f"{what}: token id {bad[0]!r} is outside the vocabulary [0, {self.vocab_size})")
+
+    def check_adapter(self, adapter: LoraWeights) -> None:
+        """AdapterError if ``adapter`` does not fit the base's layers; ValueError over ``max_lora_rank``."""
+        self.multi.check(adapter)
+        rank = lora_rank(adapter)
+        if self.max_lora_rank is not None and rank > self.max_lora_rank:
+            raise ValueError(f"adapter {adapter.name!r} has rank {rank}, over --max-lora-rank {self.max_lora_rank}")
+
     # ---- one token boundary ------------------------------------------------------------------
 
     @torch.no_grad()
@@ -156,8 +244,12 @@ class Engine:
         Returns the requests that changed (got text or finished)."""
         self._drop_finished()
         new = [r for r in new if not r.cancelled]
-        if new:
-            self._prefill(new)  # each new row gets its first token; rows done at once never join
+        # Rows that want their prompt's logprobs need the logits of every prompt position: a prefill of their own,
+        # so the other rows' prefill computes exactly what it did before.
+        for group in ([r for r in new if r.params.prompt_logprobs is None],
+                      [r for r in new if r.params.prompt_logprobs is not None]):  # fmt: skip
+            if group:
+                self._prefill(group)  # each new row gets its first token; rows done at once never join
         if self.rows:
             self._decode()
         return list(dict.fromkeys([*new, *self.rows]))
@@ -187,7 +279,16 @@ class Engine:
         ids, mask = ids.to(self.device), mask.to(self.device)
         self.multi.set_rows([r.adapter for r in new])
         cache = DynamicCache(config=self.model.config)
-        logits = self._forward(ids, mask, cache)
+        every = any(r.params.prompt_logprobs is not None for r in new)
+        logits = self._forward(ids, mask, cache, every_position=every)
+        if every:
+            for i, r in enumerate(new):
+                r.prompt_logprobs = _prompt_logprobs(logits[i, width - len(r.prompt_ids) :], r.prompt_ids,
+                                                     r.params.prompt_logprobs)  # fmt: skip
+            logits = logits[:, -1]
+        for r in new:
+            if r.params.max_tokens == 0:  # only the prompt was to be scored
+                r.finish_reason = "length"
         tokens = self._sample(logits, new)
         keep = [i for i, r in enumerate(new) if not r.finished]
         if not keep:
@@ -202,8 +303,11 @@ class Engine:
         logits = self._forward(self.next_tokens[:, None], self.mask, self.cache)
         self.next_tokens = self._sample(logits, self.rows)
 
-    def _forward(self, ids: torch.Tensor, mask: torch.Tensor, cache: DynamicCache) -> torch.Tensor:
-        """Logits of the last column for ``ids`` fed after ``cache`` (``mask`` covers cache and ids)."""
+    def _forward(
+        self, ids: torch.Tensor, mask: torch.Tensor, cache: DynamicCache, every_position: bool = False
+    ) -> torch.Tensor:
+        """Logits of the last column (rows x vocab) for ``ids`` fed after ``cache`` (``mask`` covers cache and
+        ids); with ``every_position`` the logits of every column (rows x columns x vocab)."""
         positions = (mask.cumsum(dim=1) - 1).clamp(min=0)[:, -ids.shape[1] :]
         out = self.model(
             input_ids=ids,
@@ -211,28 +315,43 @@ class Engine:
             position_ids=positions,
             cache=cache,
             use_cache=True,
-            logits_to_keep=1,
+            logits_to_keep=0 if every_position else 1,
         )
-        return out.logits[:, -1].float()
+        return out.logits.float() if every_position else out.logits[:, -1].float()
 
     def _sample(self, logits: torch.Tensor, requests: Sequence[Request]) -> torch.Tensor:
-        """One token per row (greedy or sampled), recorded in each request; returns the tokens."""
-        tokens = logits.argmax(dim=-1)
+        """One token per row, each by its own request's settings, recorded in each request; returns the tokens.
+
+        A row whose logits are not finite (an adapter that overflows, say) fails alone: the others go on."""
+        tokens = logits.argmax(dim=-1)  # the plain greedy rows' tokens, exactly as before
+        finite = torch.isfinite(logits).all(dim=-1).tolist()
         for i, r in enumerate(requests):
-            if r.params.temperature > 0:
-                tokens[i] = _sample_row(logits[i], r.params, r.generator)
-        for r, t in zip(requests, tokens.tolist(), strict=True):
-            self._record(r, t)
+            if r.finished:
+                continue
+            if not finite[i]:
+                name = r.adapter.name if r.adapter is not None else "base"
+                r.finish_reason, r.error = "error", f"generation failed: model {name!r} made non-finite logits"
+                continue
+            params = r.params
+            if params.temperature > 0 or params.adjusts:
+                row = _adjusted(logits[i], params, r.output_ids)
+                tokens[i] = _sample_row(row, params, r.generator) if params.temperature > 0 else row.argmax()
+            token = int(tokens[i])
+            logprob = _token_logprob(logits[i], token, params.logprobs) if params.logprobs is not None else None
+            self._record(r, token, logprob)
         return tokens
 
-    def _record(self, r: Request, token: int) -> None:
+    def _record(self, r: Request, token: int, logprob: TokenLogprob | None = None) -> None:
         if r.cancelled:
             r.finish_reason = "cancelled"
             return
         if token in self.eos_ids:
             r.finish_reason = "stop"
             return
+        self.generated_tokens += 1
         r.output_ids.append(token)
+        if logprob is not None:
+            r.logprobs.append(logprob)
         r.text = self.tokenizer.decode(r.output_ids, skip_special_tokens=True)
         hits = [i for i in (r.text.find(s, max(r.sent - len(s), 0)) for s in r.params.stop) if i >= 0]
         if hits:
@@ -312,6 +431,36 @@ def _pad_left(t: torch.Tensor, width: int, dim: int = 2) -> torch.Tensor:
     return F.pad(t, pad)
 
 
+def _adjusted(logits: torch.Tensor, params: SamplingParams, output_ids: list[int]) -> torch.Tensor:
+    """One row's logits with its logit bias and OpenAI's penalties over the tokens generated so far:
+    ``logit[j] + bias[j] - count[j] * frequency_penalty - (count[j] > 0) * presence_penalty``."""
+    if not params.adjusts:
+        return logits
+    logits = logits.clone()
+    if params.logit_bias:
+        ids = torch.tensor(list(params.logit_bias), device=logits.device)
+        logits[ids] += torch.tensor(list(params.logit_bias.values()), device=logits.device, dtype=logits.dtype)
+    if output_ids and (params.presence_penalty or params.frequency_penalty):
+        ids = torch.tensor(output_ids, device=logits.device)
+        counts = torch.bincount(ids, minlength=logits.shape[0])[: logits.shape[0]].to(logits.dtype)
+        logits -= counts * params.frequency_penalty + (counts > 0).to(logits.dtype) * params.presence_penalty
+    return logits
+
+
+def _token_logprob(logits: torch.Tensor, token: int, top: int) -> TokenLogprob:
+    """The chosen token's log-probability under the model's own distribution (raw logits: before temperature,
+    penalties and bias, as vLLM reports by default) and the ``top`` most likely tokens."""
+    logprobs = torch.log_softmax(logits, dim=-1)
+    best = logprobs.topk(top) if top else None
+    alternatives = list(zip(best.indices.tolist(), best.values.tolist(), strict=True)) if best is not None else []
+    return float(logprobs[token]), alternatives
+
+
+def _prompt_logprobs(logits: torch.Tensor, ids: list[int], top: int) -> list[TokenLogprob | None]:
+    """Each prompt token's logprob given the tokens before it (``logits``: one row per prompt position)."""
+    return [None] + [_token_logprob(logits[j - 1], ids[j], top) for j in range(1, len(ids))]
+
+
 def _sample_row(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator | None) -> int:
     probs = torch.softmax(logits / params.temperature, dim=-1)
     if params.top_p < 1.0:
@@ -323,12 +472,32 @@ def _sample_row(logits: torch.Tensor, params: SamplingParams, generator: torch.G
     return int(torch.multinomial(probs.cpu(), 1, generator=generator))
 
 
+def pick(waiting: list[Request], running: Sequence[Request], room: int, max_loras: int | None):
+    """(the waiting requests that join now, the ones that keep waiting), in order of arrival.
+
+    At most ``room`` join. With ``max_loras``, a request whose adapter is not yet in the batch joins only while
+    the batch holds fewer distinct adapters than that (the base model takes no slot, as in vLLM); the requests
+    after one held back may still join."""
+    active = {id(r.adapter) for r in running if r.adapter is not None and not r.finished}  # finished: leaving
+    new, held = [], []
+    for r in waiting:
+        lora_ok = r.adapter is None or id(r.adapter) in active or max_loras is None or len(active) < max_loras
+        if len(new) < room and lora_ok:
+            new.append(r)
+            if r.adapter is not None:
+                active.add(id(r.adapter))
+        else:
+            held.append(r)
+    return new, held
+
+
 class Scheduler:
     """Runs the engine's steps from an asyncio loop; requests join at the next token boundary.
 
     The model runs in one worker thread, so the event loop stays free to accept requests and stream
-    tokens while a step computes. ``submit`` queues a request; its queue then receives a wake-up after
-    every step that changed it; ``cancel`` (a client that went away) frees its row at the next step.
+    tokens while a step computes. ``submit`` queues a request; its queue then receives the request after
+    every step that changed it (several requests may share one queue: ``follow``); ``cancel`` (a client that
+    went away) frees its row at the next step.
     """
 
     def __init__(self, engine: Engine) -> None:
@@ -339,6 +508,8 @@ class Scheduler:
         self._task: asyncio.Task | None = None
         self.steps = 0  # token boundaries so far
         self.cancelled = 0  # requests abandoned before they finished (clients that went away)
+        self.finished: Counter[str] = Counter()  # rows ended so far, by finish reason
+        self._recent: deque[tuple[float, int]] = deque()  # (time, tokens made) of the steps in the last RATE_WINDOW
 
     def start(self) -> None:
         if self._task is None:
@@ -354,8 +525,8 @@ class Scheduler:
             self._task = None
         self._worker.shutdown(wait=True)
 
-    def submit(self, request: Request) -> Request:
-        request.queue = asyncio.Queue()
+    def submit(self, request: Request, queue: asyncio.Queue | None = None) -> Request:
+        request.queue = queue if queue is not None else asyncio.Queue()
         self.waiting.append(request)
         self._wake.set()
         return request
@@ -366,6 +537,13 @@ class Scheduler:
             self.cancelled += 1
             self._wake.set()
 
+    def tokens_per_second(self) -> float:
+        """Tokens made per second over the last RATE_WINDOW seconds."""
+        horizon = time.monotonic() - RATE_WINDOW
+        while self._recent and self._recent[0][0] < horizon:
+            self._recent.popleft()
+        return sum(n for _, n in self._recent) / RATE_WINDOW
+
     async def _run(self) -> None:
         loop = asyncio.get_running_loop()
         while True:
@@ -374,35 +552,52 @@ class Scheduler:
                 self._wake.clear()
                 await self._wake.wait()
                 continue
-            room = self.engine.max_batch - len(self.engine.rows)
-            new, self.waiting = self.waiting[:room], self.waiting[room:]
+            engine = self.engine
+            new, self.waiting = pick(self.waiting, engine.rows, engine.max_batch - len(engine.rows), engine.max_loras)
+            made = engine.generated_tokens
             try:
-                changed = await loop.run_in_executor(self._worker, self.engine.step, new)
+                changed = await loop.run_in_executor(self._worker, engine.step, new)
             except Exception as e:  # a failed step must not stop the server: its requests get the error
                 changed = await loop.run_in_executor(
-                    self._worker, self.engine.fail_all, f"generation failed: {type(e).__name__}: {e}", new
+                    self._worker, engine.fail_all, f"generation failed: {type(e).__name__}: {e}", new
                 )
             self.steps += 1
+            self._recent.append((time.monotonic(), engine.generated_tokens - made))
             for r in changed:
-                r.queue.put_nowait(None)
+                if r.finished and not r.counted:
+                    r.counted = True
+                    self.finished[r.finish_reason] += 1
+                r.queue.put_nowait(r)
+
+    async def follow(self, requests: Sequence[Request]) -> AsyncIterator[Request]:
+        """Yield each of ``requests`` (submitted with one shared queue) after every step that changed it, until
+        all have finished; the unfinished ones are cancelled when the caller stops early (a client gone)."""
+        queue = requests[0].queue
+        try:
+            # Until all have finished and every wake-up is read: rows that finish in one step each get theirs.
+            while not (all(r.finished for r in requests) and queue.empty()):
+                yield await queue.get()
+        finally:
+            for r in requests:
+                self.cancel(r)
 
     async def stream(self, request: Request):
         """Yield text pieces of ``request`` as they are made; ends when it finishes (cancels if abandoned)."""
-        try:
-            while True:
-                await request.queue.get()
-                text = request.take_text()
-                if text:
-                    yield text
-                if request.finished:
-                    return
-        finally:
-            self.cancel(request)
+        async for _ in self.follow([request]):
+            text = request.take_text()
+            if text:
+                yield text
+        text = request.take_text()
+        if text:
+            yield text
 
     async def complete(self, request: Request) -> Request:
-        async for _ in self.stream(request):
-            pass
+        await self.complete_all([request])
         return request
 
+    async def complete_all(self, requests: Sequence[Request]) -> None:
+        async for _ in self.follow(requests):
+            pass
 
-__all__ = ["Engine", "Request", "SamplingParams", "Scheduler", "max_positions"]
+
+__all__ = ["MAX_LOGPROBS", "Engine", "Request", "SamplingParams", "Scheduler", "lora_rank", "max_positions", "pick"]

@@ -5,7 +5,8 @@ Kept apart from ``app.py`` so that the app and its replicas never import each ot
 
 from __future__ import annotations
 
-from .app import ServeOptions, build_app
+from .app import build_app
+from .options import ServeOptions
 
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
 
