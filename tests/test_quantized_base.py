@@ -100,3 +100,21 @@ def test_cli_train_and_merge_with_quantize(base, tmp_path, capsys):
     argv = ["merge", "--base", str(base), "--adapter", str(tmp_path / "adapter"), "--out", str(tmp_path / "m")]
     assert main([*argv, "--quantize", "int8"]) == 2
     assert "the base weight is quantized" in capsys.readouterr().err and not (tmp_path / "m").exists()
+
+
+def test_served_rows_on_an_int8_base_equal_the_adapter_loaded_alone(base, tmp_path):
+    from loraloom.serve.cache import AdapterCache
+    from loraloom.serve.engine import Engine, Request, SamplingParams
+
+    torch.manual_seed(0)
+    ll.save_adapter(
+        ll.add_adapter(int8(base), ll.LoraConfig(r=4, init_lora_weights=False), verbose=False), tmp_path / "a"
+    )
+    engine = Engine(int8(base), tiny_word_tokenizer(["a b c"]), max_batch=4)
+    prompt = [5, 6, 7, 8]
+    params = SamplingParams(max_tokens=4, temperature=0)
+    rows = [Request(prompt, AdapterCache(tmp_path).get("a"), params), Request(prompt, None, params)]
+    engine.generate(rows)
+    for row, model in zip(rows, (ll.load_adapter(int8(base), tmp_path / "a", verbose=False), int8(base)), strict=True):
+        out = model.generate(torch.tensor([prompt]), max_new_tokens=4, do_sample=False, eos_token_id=-1, pad_token_id=0)
+        assert row.output_ids == out[0, len(prompt) :].tolist()

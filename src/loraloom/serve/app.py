@@ -484,7 +484,9 @@ def build_app(options: ServeOptions) -> FastAPI:
     cache = AdapterCache(options.adapters, limit_mib=options.cache_mib)
     for name, source in options.named.items():
         cache.add(name, source, load=False)
-    model, tokenizer = load_base(options.base, "causal", device=options.device, dtype=options.dtype)
+    model, tokenizer = load_base(
+        options.base, "causal", device=options.device, dtype=options.dtype, quantize=options.quantize
+    )
     roots = tuple(str(r) for r in ([options.adapters] if options.adapters else []) + list(options.allow_path))
     access = Access(
         api_key=options.api_key or None,
