@@ -520,11 +520,11 @@ def test_load_and_unload_are_refused_without_the_management_flag(world):
 
 
 def test_server_code_stays_small():
-    """No function over 80 lines in the server and the CLI; cli.py within 440 lines."""
+    """No function over 80 lines in the server and the CLI; cli.py within 450 lines (the tidy's limit)."""
     src = Path(__file__).resolve().parents[1] / "src" / "loraloom"
     files = [*sorted((src / "serve").glob("*.py")), src / "cli.py"]
     long = [f"{f.name}:{n.name} ({n.end_lineno - n.lineno + 1} lines)" for f in files
             for n in ast.walk(ast.parse(f.read_text()))
             if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef)) and n.end_lineno - n.lineno + 1 > 80]  # fmt: skip
     assert not long, long
-    assert len((src / "cli.py").read_text().splitlines()) <= 440
+    assert len((src / "cli.py").read_text().splitlines()) <= 450

@@ -6,6 +6,8 @@ The Auto class follows the task: given, else the adapter's ``task_type``, else t
 
 from __future__ import annotations
 
+import ctypes
+import mmap
 import os
 from collections.abc import Sequence
 from pathlib import Path
@@ -15,6 +17,7 @@ import torch
 from torch import nn
 
 from .adapters import load_adapter, read_adapter
+from .adapters.base import is_quantized
 from .adapters.peft_format import normalise_key
 from .data import Example, default_label2id
 from .devices import resolve_device, resolve_dtype
@@ -51,18 +54,94 @@ QUANTIZE = ("int8", "int4")
 
 
 def quantization_config(quantize: str, device: torch.device | None) -> Any:
-    """transformers' config for a weight-only quantized frozen base (torchao): int8 runs on the CPU and CUDA,
-    int4 (torchao's tinygemm kernels) on CUDA only. Linear layers are quantized; embeddings stay as they are."""
+    """torchao's config for a weight-only quantized frozen base: int8 runs on the CPU and CUDA, int4 (torchao's
+    tinygemm kernels) on CUDA only. Linear layers are quantized; embeddings stay as they are."""
     if quantize not in QUANTIZE:
         raise ValueError(f"quantize must be one of {QUANTIZE} or None, got {quantize!r}")
     if quantize == "int4" and (device is None or device.type != "cuda"):
         raise ValueError("--quantize int4 needs a CUDA device (torchao has no int4 kernels for the CPU); use int8")
     try:
         from torchao.quantization import Int4WeightOnlyConfig, Int8WeightOnlyConfig
-        from transformers import TorchAoConfig
     except ImportError as e:
         raise ValueError(f"a quantized base needs torchao: pip install 'loraloom[quant]' ({e})") from e
-    return TorchAoConfig(Int8WeightOnlyConfig() if quantize == "int8" else Int4WeightOnlyConfig(group_size=128))
+    return Int8WeightOnlyConfig() if quantize == "int8" else Int4WeightOnlyConfig(group_size=128)
+
+
+def quantize_linears(model: nn.Module, config: Any) -> nn.Module:
+    """Quantize the model's linear layers in place, one at a time, releasing each float weight as it goes.
+
+    transformers' own path (``TorchAoConfig``) holds the float weights and the quantized ones at once: on a
+    FLAN-T5-base shape its load peaks above the float model's. Here each layer's float weight is dropped once
+    quantized: its pages in the memory-mapped checkpoint are handed back (``release_file_pages``) and freed
+    heap returned to the system, so the peak stays near the quantized size. A linear whose weight is tied to
+    another module (an LM head sharing the embedding) stays as it is.
+    """
+    from torchao.quantization import quantize_
+
+    owners: dict[int, int] = {}
+    for module in model.modules():
+        for p in module.parameters(recurse=False):
+            owners[id(p)] = owners.get(id(p), 0) + 1
+    for module in [m for m in model.modules() if isinstance(m, nn.Linear)]:
+        if owners[id(module.weight)] > 1:
+            continue
+        weight = module.weight.data
+        quantize_(module, config)
+        live = [t for t in [*model.parameters(), *model.buffers()] if not is_quantized(t)]
+        release_file_pages(weight, live)
+        del weight
+        trim_heap()
+    return model
+
+
+def release_file_pages(t: torch.Tensor, live: Sequence[torch.Tensor]) -> None:
+    """Hand back the pages of a dropped tensor that lie in a file mapping (the checkpoint, mapped by
+    safetensors) and in no live tensor: the kernel re-reads them from the file if they are ever touched, so
+    nothing in use changes. Anonymous memory is never touched. A no-op off Linux."""
+    start = t.data_ptr()
+    end = start + t.numel() * t.element_size()
+    page = mmap.PAGESIZE
+    first, last = -(-start // page) * page, end // page * page
+    if last <= first or not _in_file_mapping(first, last):
+        return
+    for other in live:
+        low = other.data_ptr()
+        if low < last and first < low + other.numel() * other.element_size():
+            return
+    libc = _libc()
+    if libc is not None:
+        libc.madvise(ctypes.c_void_p(first), ctypes.c_size_t(last - first), MADV_DONTNEED)
+
+
+MADV_DONTNEED = 4
+
+
+def _in_file_mapping(first: int, last: int) -> bool:
+    """Whether [first, last) lies inside one mapping of a file (/proc/self/maps)."""
+    try:
+        lines = Path("/proc/self/maps").read_text().splitlines()
+    except OSError:
+        return False
+    for line in lines:
+        fields = line.split()
+        low, high = (int(x, 16) for x in fields[0].split("-"))
+        if low <= first and last <= high:
+            return len(fields) >= 6 and fields[4] != "0"  # an inode: a file, not anonymous memory
+    return False
+
+
+def trim_heap() -> None:
+    """Return freed heap to the system (glibc keeps it otherwise, and the peak RSS with it)."""
+    libc = _libc()
+    if libc is not None and hasattr(libc, "malloc_trim"):
+        libc.malloc_trim(0)
+
+
+def _libc() -> ctypes.CDLL | None:
+    try:
+        return ctypes.CDLL(None)
+    except OSError:
+        return None
 
 
 def load_base(
@@ -106,8 +185,11 @@ def load_base(
     if task not in TASKS:
         raise ValueError(f"task must be one of {TASKS}, got {task!r}")
     kwargs: dict[str, Any] = {} if torch_dtype is None else {"dtype": torch_dtype}
-    if quantize is not None:
-        kwargs["quantization_config"] = quantization_config(quantize, target)
+    quantized = quantization_config(quantize, target) if quantize is not None else None
+    if quantized is not None and (device_map is not None or (target is not None and target.type != "cpu")):
+        from transformers import TorchAoConfig  # on a GPU: quantized as it loads, the float model never there
+
+        kwargs["quantization_config", "quantize_linears"] = TorchAoConfig(quantized)
     if device_map is not None:
         kwargs["device_map"] = device_map
     label2id = default_label2id(examples) if task == "classification" and examples else None
@@ -121,6 +203,8 @@ def load_base(
         config.id2label = {i: label for label, i in label2id.items()}
         kwargs["ignore_mismatched_sizes"] = True  # the base's head (if any) has other labels
     model = model_classes()[task].from_pretrained(source, config=config, **kwargs).eval()
+    if quantized is not None and "quantization_config" not in kwargs:
+        quantize_linears(model, quantized)
     if target is not None and device_map is None:
         model.to(target)
     tokenizer = AutoTokenizer.from_pretrained(source)
@@ -129,4 +213,12 @@ def load_base(
     return model, tokenizer
 
 
-__all__ = ["CLASSIFIER_KEYS", "QUANTIZE", "load_base", "model_classes", "model_source", "quantization_config"]
+__all__ = [
+    "CLASSIFIER_KEYS",
+    "QUANTIZE",
+    "load_base",
+    "model_classes",
+    "model_source",
+    "quantization_config",
+    "quantize_linears",
+]
