@@ -118,3 +118,19 @@ def test_served_rows_on_an_int8_base_equal_the_adapter_loaded_alone(base, tmp_pa
     for row, model in zip(rows, (ll.load_adapter(int8(base), tmp_path / "a", verbose=False), int8(base)), strict=True):
         out = model.generate(torch.tensor([prompt]), max_new_tokens=4, do_sample=False, eos_token_id=-1, pad_token_id=0)
         assert row.output_ids == out[0, len(prompt) :].tolist()
+
+
+def test_layer_by_layer_quantization_leaves_tied_and_other_weights_intact(tmp_path):
+    from transformers import LlamaForCausalLM
+
+    config = tiny_llama().config
+    config.tie_word_embeddings = True
+    torch.manual_seed(0)
+    LlamaForCausalLM(config).save_pretrained(tmp_path)
+    tiny_word_tokenizer(["a b c"]).save_pretrained(tmp_path)
+    full, model = load_base(tmp_path)[0], load_base(tmp_path, quantize="int8")[0]
+    assert model.lm_head.weight is model.model.embed_tokens.weight and not is_quantized(model.lm_head.weight)
+    for (name, p), q in zip(full.named_parameters(), model.parameters(), strict=True):
+        if not is_quantized(q):  # every float weight left is the checkpoint's, byte for byte
+            assert torch.equal(p, q), name
+    assert (logits(model, X) - logits(full, X)).abs().max() < 0.05
