@@ -134,3 +134,20 @@ def test_layer_by_layer_quantization_leaves_tied_and_other_weights_intact(tmp_pa
         if not is_quantized(q):  # every float weight left is the checkpoint's, byte for byte
             assert torch.equal(p, q), name
     assert (logits(model, X) - logits(full, X)).abs().max() < 0.05
+
+
+def test_the_backward_through_an_int8_layer_equals_autograd_through_its_dequantized_weight():
+    from loraloom.models import QuantizedLinear, quantization_config, quantize_linears
+
+    torch.manual_seed(0)
+    model = quantize_linears(torch.nn.Sequential(torch.nn.Linear(16, 8)), quantization_config("int8", None))
+    layer = model[0]
+    assert isinstance(layer, QuantizedLinear)
+    layer.bias.requires_grad_(True)  # bias="all" trains the biases of a frozen base
+    x = torch.randn(3, 5, 16, requires_grad=True)
+    layer(x).square().sum().backward()
+    x2 = x.detach().clone().requires_grad_(True)
+    bias = layer.bias.detach().clone().requires_grad_(True)
+    torch.nn.functional.linear(x2, layer.weight.dequantize(), bias).square().sum().backward()
+    torch.testing.assert_close(x.grad, x2.grad)
+    torch.testing.assert_close(layer.bias.grad, bias.grad)

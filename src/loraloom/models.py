@@ -87,11 +87,39 @@ def quantize_linears(model: nn.Module, config: Any) -> nn.Module:
             continue
         weight = module.weight.data
         quantize_(module, config)
+        module.__class__ = QuantizedLinear
         live = [t for t in [*model.parameters(), *model.buffers()] if not is_quantized(t)]
         release_file_pages(weight, live)
         del weight
         trim_heap()
     return model
+
+
+class QuantizedLinear(nn.Linear):
+    """A linear layer whose weight is quantized (torchao): the same forward, and a backward that dequantizes the
+    weight only for the moment it needs it. Autograd through the quantized weight would keep a float copy of
+    every layer's weight for the backward pass, as much memory as the float model, on a base that never trains."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not torch.is_grad_enabled() or self.weight.requires_grad:
+            return super().forward(x)
+        return _QuantizedLinearFn.apply(x, self.bias, self)
+
+
+class _QuantizedLinearFn(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, bias: torch.Tensor | None, layer: nn.Linear) -> torch.Tensor:
+        ctx.layer, ctx.x_dtype, ctx.has_bias = layer, x.dtype, bias is not None
+        return nn.functional.linear(x, layer.weight, bias)
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None, None]:
+        grad_x = grad_bias = None
+        if ctx.needs_input_grad[0]:
+            grad_x = (grad @ ctx.layer.weight.dequantize().to(grad.dtype)).to(ctx.x_dtype)
+        if ctx.has_bias and ctx.needs_input_grad[1]:
+            grad_bias = grad.reshape(-1, grad.shape[-1]).sum(0)
+        return grad_x, grad_bias, None
 
 
 def release_file_pages(t: torch.Tensor, live: Sequence[torch.Tensor]) -> None:
