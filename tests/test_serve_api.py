@@ -9,14 +9,13 @@ from __future__ import annotations
 
 import ast
 import asyncio
-import threading
-import time
 from pathlib import Path
 
 import httpx
 import pytest
 import torch
 from hub_modules import make_modules, tokenizer
+from loopback import serving
 from tiny_models import tiny_llama
 
 from loraloom.adapters import load_adapter
@@ -68,17 +67,8 @@ def make_app(world, **engine_options):
 @pytest.fixture(scope="module")
 def server(world):
     app = make_app(world)
-    srv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning", lifespan="on"))
-    thread = threading.Thread(target=srv.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 30
-    while not srv.started:
-        assert time.monotonic() < deadline and thread.is_alive(), "server did not start"
-        time.sleep(0.05)
-    port = srv.servers[0].sockets[0].getsockname()[1]
-    yield {"url": f"http://127.0.0.1:{port}", "app": app}
-    srv.should_exit = True
-    thread.join(timeout=10)
+    with serving(app) as url:
+        yield {"url": url, "app": app}
 
 
 @pytest.fixture(scope="module")

@@ -12,12 +12,12 @@ import random
 import shutil
 import subprocess
 import sys
-import threading
 import time
 
 import httpx
 import pytest
 from hub_modules import WORDS, make_modules, tokenizer
+from loopback import serving
 from tiny_models import tiny_llama
 
 from loraloom.adapters import load_adapter
@@ -57,18 +57,8 @@ def server(world):
     model, tok = load_base(str(world / "base"), "causal")
     access = Access(manage=True, roots=(str(world / "adapters"), str(world / "later")))
     app = create_app(Engine(model, tok, max_batch=32), AdapterCache(world / "adapters", limit_mib=64), access)
-    config = uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning", lifespan="on")
-    srv = uvicorn.Server(config)
-    thread = threading.Thread(target=srv.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 30
-    while not srv.started:
-        assert time.monotonic() < deadline and thread.is_alive(), "server did not start"
-        time.sleep(0.05)
-    port = srv.servers[0].sockets[0].getsockname()[1]
-    yield {"url": f"http://127.0.0.1:{port}", "app": app}
-    srv.should_exit = True
-    thread.join(timeout=10)
+    with serving(app) as url:
+        yield {"url": url, "app": app}
 
 
 @pytest.fixture(scope="module")

@@ -19,6 +19,7 @@ import peft
 import pytest
 import torch
 from hub_modules import make_modules, tokenizer
+from loopback import serving
 from tiny_models import VOCAB, tiny_gpt2, tiny_llama
 
 import loraloom as ll
@@ -348,18 +349,9 @@ def server(worlds, tmp_path_factory):
     shutil.copytree(worlds("llama")[0], root / "adapters")
     model, tok = load_base(str(root / "base"), "causal")
     app = create_app(Engine(model, tok, max_batch=8), AdapterCache(root / "adapters", limit_mib=64))
-    srv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning", lifespan="on"))
-    thread = threading.Thread(target=srv.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 30
-    while not srv.started:
-        assert time.monotonic() < deadline and thread.is_alive(), "server did not start"
-        time.sleep(0.05)
-    port = srv.servers[0].sockets[0].getsockname()[1]
-    client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="unused", max_retries=0, timeout=60)
-    yield {"root": root, "app": app, "client": client, "url": f"http://127.0.0.1:{port}/v1"}
-    srv.should_exit = True
-    thread.join(timeout=10)
+    with serving(app) as url:
+        client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0, timeout=60)
+        yield {"root": root, "app": app, "client": client, "url": f"{url}/v1"}
 
 
 def expected(root: Path, adapter: str | None, prompt: str = PROMPT, max_tokens: int = 8) -> str:
