@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import json
 import os
+import re
+import warnings
 from pathlib import Path
 
 import torch
@@ -202,14 +204,21 @@ def check_finite(t: torch.Tensor, what: str) -> None:
 def _load_bin(file: Path) -> dict[str, torch.Tensor]:
     """A legacy .bin through ``weights_only=True``: plain dense float tensors under string keys, or an error."""
     try:
-        try:
-            tensors = torch.load(file, map_location="cpu", weights_only=True, mmap=True)
-        except RuntimeError as e:  # the pre-zip format cannot be mapped: read it whole
-            if "mmap" not in str(e):
-                raise
-            tensors = torch.load(file, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():  # torch warns about the legacy format on its way to the error below
+            warnings.simplefilter("ignore")
+            try:
+                tensors = torch.load(file, map_location="cpu", weights_only=True, mmap=True)
+            except RuntimeError as e:  # the pre-zip format cannot be mapped: read it whole
+                if "mmap" not in str(e):
+                    raise
+                tensors = torch.load(file, map_location="cpu", weights_only=True)
     except Exception as e:  # weights_only refuses any pickle that is not plain tensors
-        raise AdapterError(f"{file}: cannot load safely with weights_only=True: {e}") from e
+        # torch's own message suggests weights_only=False: never for a file from a hub. Keep its reason only.
+        found = re.search(r"Unpickler error:\s*(.+?)\s*(?:Check the documentation|$)", str(e), re.DOTALL)
+        reason = " ".join((found.group(1) if found else str(e)).split())
+        raise AdapterError(
+            f"{file}: torch.load(weights_only=True) refuses it, and loraloom never unpickles: {reason}"
+        ) from e
     if not isinstance(tensors, dict):
         raise AdapterError(f"{file}: expected a dict of tensors, found {type(tensors).__name__}")
     for key, t in tensors.items():
