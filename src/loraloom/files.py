@@ -12,6 +12,7 @@ import contextlib
 import ctypes
 import errno
 import fnmatch
+import glob
 import hashlib
 import os
 import shutil
@@ -87,7 +88,7 @@ def check_writable(path: str | os.PathLike) -> None:
 def remove_stale(path: Path) -> None:
     """Remove what dead writers left beside ``path``, and put back an old folder a writer died swapping out."""
     for kind in ("tmp", "old"):
-        for leftover in path.parent.glob(f".{glob_escape(path.name)}.{kind}-*"):
+        for leftover in path.parent.glob(f".{glob.escape(path.name)}.{kind}-*"):
             pid = leftover.name[len(path.name) + len(kind) + 3 :].split("-")[0]
             if pid.isdigit() and _alive(int(pid)):
                 continue
@@ -97,10 +98,6 @@ def remove_stale(path: Path) -> None:
                 shutil.rmtree(leftover, ignore_errors=True)
             else:
                 leftover.unlink(missing_ok=True)
-
-
-def glob_escape(name: str) -> str:
-    return "".join(f"[{c}]" if c in "*?[" else c for c in name)
 
 
 def _alive(pid: int) -> bool:
@@ -141,7 +138,7 @@ _AT_FDCWD = -100
 
 def _exchange(a: Path, b: Path) -> bool:
     """Swap two paths in one atomic step (Linux renameat2); False where the system cannot."""
-    renameat2 = getattr(_libc(), "renameat2", None)
+    renameat2 = getattr(libc(), "renameat2", None)
     if renameat2 is None:
         return False
     if renameat2(_AT_FDCWD, os.fsencode(a), _AT_FDCWD, os.fsencode(b), _RENAME_EXCHANGE) == 0:
@@ -152,7 +149,8 @@ def _exchange(a: Path, b: Path) -> bool:
     raise OSError(err, os.strerror(err), str(b))
 
 
-def _libc() -> ctypes.CDLL | None:
+def libc() -> ctypes.CDLL | None:
+    """The C library (for calls Python has no wrapper for), or None where it cannot be opened."""
     try:
         return ctypes.CDLL(None, use_errno=True)
     except OSError:
@@ -168,4 +166,4 @@ def sha256_of(path: str | os.PathLike) -> str:
     return digest.hexdigest()
 
 
-__all__ = ["atomic_folder", "atomic_write", "check_writable", "remove_stale", "sha256_of"]
+__all__ = ["atomic_folder", "atomic_write", "check_writable", "libc", "remove_stale", "sha256_of"]

@@ -21,6 +21,7 @@ from .adapters.base import is_quantized
 from .adapters.peft_format import normalise_key
 from .data import Example, default_label2id
 from .devices import resolve_device, resolve_dtype
+from .files import libc
 from .tasks import TASKS, task_of_adapter, task_of_config
 
 # Head weights whose first dimension is the number of labels of a saved classifier.
@@ -136,9 +137,9 @@ def release_file_pages(t: torch.Tensor, live: Sequence[torch.Tensor]) -> None:
         low = other.data_ptr()
         if low < last and first < low + other.numel() * other.element_size():
             return
-    libc = _libc()
-    if libc is not None:
-        libc.madvise(ctypes.c_void_p(first), ctypes.c_size_t(last - first), MADV_DONTNEED)
+    c = libc()
+    if c is not None:
+        c.madvise(ctypes.c_void_p(first), ctypes.c_size_t(last - first), MADV_DONTNEED)
 
 
 MADV_DONTNEED = 4
@@ -160,16 +161,9 @@ def _in_file_mapping(first: int, last: int) -> bool:
 
 def trim_heap() -> None:
     """Return freed heap to the system (glibc keeps it otherwise, and the peak RSS with it)."""
-    libc = _libc()
-    if libc is not None and hasattr(libc, "malloc_trim"):
-        libc.malloc_trim(0)
-
-
-def _libc() -> ctypes.CDLL | None:
-    try:
-        return ctypes.CDLL(None)
-    except OSError:
-        return None
+    c = libc()
+    if c is not None and hasattr(c, "malloc_trim"):
+        c.malloc_trim(0)
 
 
 def load_base(
