@@ -29,9 +29,10 @@ from loraloom.cli import build_parser, options_of  # noqa: E402
 from loraloom.models import load_base  # noqa: E402
 from loraloom.serve import AdapterCache, Engine, Request, SamplingParams  # noqa: E402
 from loraloom.serve.app import Access, create_app  # noqa: E402
-from loraloom.serve.engine import lora_rank, pick  # noqa: E402
+from loraloom.serve.engine import lora_rank  # noqa: E402
 from loraloom.serve.multi import LoraWeights  # noqa: E402
 from loraloom.serve.options import ServeOptions, named_adapters  # noqa: E402
+from loraloom.serve.scheduler import pick  # noqa: E402
 
 TEMPLATE = "{% for m in messages %}{{ m['role'] }} : {{ m['content'] }} {% endfor %}assistant :"
 TARGETS = ["q_proj", "v_proj"]

@@ -6,8 +6,9 @@ batched layers and the engine need nothing beyond the core library.
 """
 
 from .cache import BASE, AdapterCache, UnknownAdapter
-from .engine import Engine, Request, SamplingParams, Scheduler
+from .engine import Engine, Request, SamplingParams
 from .multi import AdapterWeights, LoraWeights, MultiLora, MultiLoraLayer, UnservableAdapter
+from .scheduler import Scheduler
 
 __all__ = [
     "BASE",

@@ -40,7 +40,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from ..adapters.base import AdapterError
 from ..models import load_base
 from .cache import BASE, AdapterCache, UnknownAdapter
-from .engine import Engine, Request, SamplingParams, Scheduler
+from .engine import Engine, Request, SamplingParams
 from .metrics import ServerMetrics
 from .multi import LoraWeights, UnservableAdapter
 from .options import ServeOptions, named_adapters
@@ -55,6 +55,7 @@ from .protocol import (
     _Generation,
 )
 from .responses import Choice, Job, Renderer
+from .scheduler import Scheduler
 
 log = logging.getLogger("loraloom.serve")
 

@@ -14,7 +14,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_l
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
 from .cache import AdapterCache
-from .engine import RATE_WINDOW, Scheduler
+from .scheduler import RATE_WINDOW, Scheduler
 
 PREFIX = "loraloom:"
 
