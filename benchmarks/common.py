@@ -21,6 +21,7 @@ import sys
 import time
 from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
 from typing import Any, TypeVar
 
 from tqdm import tqdm
@@ -29,9 +30,20 @@ T = TypeVar("T")
 
 
 def peak_rss_mb() -> float:
-    """Peak resident set size of this process so far, in MiB."""
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return peak / 2**20 if sys.platform == "darwin" else peak / 2**10  # bytes on macOS, KiB on Linux
+    """Peak resident set size of this process so far, in MiB.
+
+    On Linux this is ``VmHWM`` of /proc/self/status: the high-water mark of this process's own memory.
+    ``getrusage``'s ``ru_maxrss`` is not: a spawned worker is forked from the parent before it execs, and the
+    kernel carries the forked copy's high-water mark (the parent's whole RSS) over the exec, so every peer
+    measured below the parent's RSS read as the parent's RSS.
+    """
+    try:
+        status = Path("/proc/self/status").read_text()
+    except OSError:  # not Linux: ru_maxrss is bytes on macOS
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        return peak / 2**20 if sys.platform == "darwin" else peak / 2**10
+    kib = next(line.split()[1] for line in status.splitlines() if line.startswith("VmHWM:"))
+    return int(kib) / 2**10
 
 
 def _call_and_measure(fn: Callable[..., T], args: tuple, kwargs: dict) -> tuple[T, float]:

@@ -1,20 +1,20 @@
-"""A weight-only int8 frozen base (torchao) with adapters on top: trained, saved, loaded, composed; equal to
-PEFT on the same quantized base; merging refused by name, as are adapters that need the base weight's values."""
+"""A weight-only int8 frozen base (``quantize.Int8Weight``) with adapters on top: trained, saved, loaded, composed;
+equal to PEFT on the same quantized base; merging refused by name, as are adapters that need the base weight's values.
+"""
 
 from __future__ import annotations
 
 import pytest
+import torch
+from hub_modules import EXAMPLES, make_modules, tokenizer
+from tiny_models import logits, model_inputs, tiny_llama, tiny_word_tokenizer
 
-torchao = pytest.importorskip("torchao", reason="the quantized base needs torchao (pip install 'loraloom[quant]')")
-
-import torch  # noqa: E402
-from hub_modules import EXAMPLES, make_modules, tokenizer  # noqa: E402
-from tiny_models import logits, model_inputs, tiny_llama, tiny_word_tokenizer  # noqa: E402
-
-import loraloom as ll  # noqa: E402
-from loraloom.adapters.base import is_quantized  # noqa: E402
-from loraloom.cli import main  # noqa: E402
-from loraloom.models import load_base  # noqa: E402
+import loraloom as ll
+from loraloom import quantize
+from loraloom.adapters.base import is_quantized
+from loraloom.cli import main
+from loraloom.models import load_base
+from loraloom.quantize import Int8Weight
 
 X = model_inputs("llama")
 
@@ -31,11 +31,15 @@ def int8(base):
     return load_base(base, quantize="int8")[0]
 
 
-def test_linear_weights_are_int8_and_outputs_stay_close(base):
+def test_linear_and_embedding_weights_are_int8_and_outputs_stay_close(base):
     model, full = int8(base), load_base(base)[0]
-    q_proj = model.model.layers[0].self_attn.q_proj.weight
-    assert is_quantized(q_proj) and q_proj.data.qdata.dtype == torch.int8
-    assert not is_quantized(model.model.embed_tokens.weight)
+    for weight in (
+        model.model.layers[0].self_attn.q_proj.weight,
+        model.model.embed_tokens.weight,
+        model.lm_head.weight,
+    ):
+        assert is_quantized(weight) and weight.data.qdata.dtype == torch.int8 and weight.dtype == torch.float32
+    assert not is_quantized(model.model.norm.weight)
     diff = (logits(model, X) - logits(full, X)).abs().max()
     assert 0 < diff < 0.05
 
@@ -120,7 +124,7 @@ def test_served_rows_on_an_int8_base_equal_the_adapter_loaded_alone(base, tmp_pa
         assert row.output_ids == out[0, len(prompt) :].tolist()
 
 
-def test_layer_by_layer_quantization_leaves_tied_and_other_weights_intact(tmp_path):
+def test_a_tied_lm_head_is_quantized_once_and_stays_tied_while_other_weights_stay_intact(tmp_path):
     from transformers import LlamaForCausalLM
 
     config = tiny_llama().config
@@ -129,20 +133,32 @@ def test_layer_by_layer_quantization_leaves_tied_and_other_weights_intact(tmp_pa
     LlamaForCausalLM(config).save_pretrained(tmp_path)
     tiny_word_tokenizer(["a b c"]).save_pretrained(tmp_path)
     full, model = load_base(tmp_path)[0], load_base(tmp_path, quantize="int8")[0]
-    assert model.lm_head.weight is model.model.embed_tokens.weight and not is_quantized(model.lm_head.weight)
+    assert model.lm_head.weight is model.model.embed_tokens.weight and is_quantized(model.lm_head.weight)
     for (name, p), q in zip(full.named_parameters(), model.parameters(), strict=True):
         if not is_quantized(q):  # every float weight left is the checkpoint's, byte for byte
             assert torch.equal(p, q), name
     assert (logits(model, X) - logits(full, X)).abs().max() < 0.05
 
 
-def test_the_backward_through_an_int8_layer_equals_autograd_through_its_dequantized_weight():
-    from loraloom.models import QuantizedLinear, quantization_config, quantize_linears
+@pytest.fixture
+def small_blocks(monkeypatch):
+    """Blocks of 3 rows of 16: the block-wise paths split a weight into several blocks and a remainder."""
+    monkeypatch.setattr(quantize, "BLOCK", 48)
 
+
+def test_int8_rows_round_to_within_half_a_step(small_blocks):
     torch.manual_seed(0)
-    model = quantize_linears(torch.nn.Sequential(torch.nn.Linear(16, 8)), quantization_config("int8", None))
-    layer = model[0]
-    assert isinstance(layer, QuantizedLinear)
+    w = torch.randn(8, 16)
+    q = Int8Weight.from_float(w)
+    step = w.abs().amax(1, keepdim=True) / 127
+    assert ((q.dequantize() - w).abs() <= step / 2 + 1e-7).all()
+    assert q.qdata.abs().max() == 127
+
+
+def test_the_int8_linear_and_its_backward_equal_autograd_through_the_dequantized_weight(small_blocks):
+    torch.manual_seed(0)
+    layer = quantize.quantize_model(torch.nn.Sequential(torch.nn.Linear(16, 8)))[0]
+    assert isinstance(layer.weight, Int8Weight) and not layer.weight.requires_grad
     layer.bias.requires_grad_(True)  # bias="all" trains the biases of a frozen base
     x = torch.randn(3, 5, 16, requires_grad=True)
     layer(x).square().sum().backward()
@@ -151,3 +167,29 @@ def test_the_backward_through_an_int8_layer_equals_autograd_through_its_dequanti
     torch.nn.functional.linear(x2, layer.weight.dequantize(), bias).square().sum().backward()
     torch.testing.assert_close(x.grad, x2.grad)
     torch.testing.assert_close(layer.bias.grad, bias.grad)
+
+
+def test_the_int8_embedding_looks_up_the_dequantized_rows(small_blocks):
+    torch.manual_seed(0)
+    table = quantize.quantize_model(torch.nn.Embedding(10, 16, padding_idx=0))
+    ids = torch.tensor([[0, 3, 9], [9, 9, 1]])
+    torch.testing.assert_close(table(ids), table.weight.dequantize()[ids], atol=0, rtol=0)
+
+
+def test_bf16_autocast_and_a_bf16_move_compute_in_bf16():
+    torch.manual_seed(0)
+    layer = quantize.quantize_model(torch.nn.Linear(16, 8))
+    x = torch.randn(2, 16)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = layer(x)
+    assert y.dtype == torch.bfloat16
+    torch.testing.assert_close(y.float(), layer(x), atol=0.05, rtol=0.02)
+    layer.to(torch.bfloat16)
+    assert isinstance(layer.weight, Int8Weight) and layer.weight.dtype == torch.bfloat16
+    assert layer(x.bfloat16()).dtype == torch.bfloat16
+
+
+def test_writing_into_an_int8_weight_is_refused():
+    layer = quantize.quantize_model(torch.nn.Linear(4, 4))
+    with pytest.raises(RuntimeError, match="frozen"):
+        layer.weight.data.add_(1.0)

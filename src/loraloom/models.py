@@ -6,8 +6,6 @@ The Auto class follows the task: given, else the adapter's ``task_type``, else t
 
 from __future__ import annotations
 
-import ctypes
-import mmap
 import os
 from collections.abc import Sequence
 from pathlib import Path
@@ -17,11 +15,10 @@ import torch
 from torch import nn
 
 from .adapters import load_adapter, read_adapter
-from .adapters.base import is_quantized
 from .adapters.peft_format import normalise_key
 from .data import Example, default_label2id
 from .devices import resolve_device, resolve_dtype
-from .files import libc
+from .quantize import QUANTIZE, check_quantize, int4_config, quantize_model
 from .tasks import TASKS, task_of_adapter, task_of_config
 
 # Head weights whose first dimension is the number of labels of a saved classifier.
@@ -51,121 +48,6 @@ def model_source(name_or_path: str | os.PathLike) -> str:
     return text
 
 
-QUANTIZE = ("int8", "int4")
-
-
-def quantization_config(quantize: str, device: torch.device | None) -> Any:
-    """torchao's config for a weight-only quantized frozen base: int8 runs on the CPU and CUDA, int4 (torchao's
-    tinygemm kernels) on CUDA only. Linear layers are quantized; embeddings stay as they are."""
-    if quantize not in QUANTIZE:
-        raise ValueError(f"quantize must be one of {QUANTIZE} or None, got {quantize!r}")
-    if quantize == "int4" and (device is None or device.type != "cuda"):
-        raise ValueError("--quantize int4 needs a CUDA device (torchao has no int4 kernels for the CPU); use int8")
-    try:
-        from torchao.quantization import Int4WeightOnlyConfig, Int8WeightOnlyConfig
-    except ImportError as e:
-        raise ValueError(f"a quantized base needs torchao: pip install 'loraloom[quant]' ({e})") from e
-    return Int8WeightOnlyConfig() if quantize == "int8" else Int4WeightOnlyConfig(group_size=128)
-
-
-def quantize_linears(model: nn.Module, config: Any) -> nn.Module:
-    """Quantize the model's linear layers in place, one at a time, releasing each float weight as it goes.
-
-    transformers' own path (``TorchAoConfig``) holds the float weights and the quantized ones at once: on a
-    FLAN-T5-base shape its load peaks above the float model's. Here each layer's float weight is dropped once
-    quantized: its pages in the memory-mapped checkpoint are handed back (``release_file_pages``) and freed
-    heap returned to the system, so the peak stays near the quantized size. A linear whose weight is tied to
-    another module (an LM head sharing the embedding) stays as it is.
-    """
-    from torchao.quantization import quantize_
-
-    owners: dict[int, int] = {}
-    for module in model.modules():
-        for p in module.parameters(recurse=False):
-            owners[id(p)] = owners.get(id(p), 0) + 1
-    for module in [m for m in model.modules() if isinstance(m, nn.Linear)]:
-        if owners[id(module.weight)] > 1:
-            continue
-        weight = module.weight.data
-        quantize_(module, config)
-        module.__class__ = QuantizedLinear
-        live = [t for t in [*model.parameters(), *model.buffers()] if not is_quantized(t)]
-        release_file_pages(weight, live)
-        del weight
-        trim_heap()
-    return model
-
-
-class QuantizedLinear(nn.Linear):
-    """A linear layer whose weight is quantized (torchao): the same forward, and a backward that dequantizes the
-    weight only for the moment it needs it. Autograd through the quantized weight would keep a float copy of
-    every layer's weight for the backward pass, as much memory as the float model, on a base that never trains."""
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not torch.is_grad_enabled() or self.weight.requires_grad:
-            return super().forward(x)
-        return _QuantizedLinearFn.apply(x, self.bias, self)
-
-
-class _QuantizedLinearFn(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx: Any, x: torch.Tensor, bias: torch.Tensor | None, layer: nn.Linear) -> torch.Tensor:
-        ctx.layer, ctx.x_dtype, ctx.has_bias = layer, x.dtype, bias is not None
-        return nn.functional.linear(x, layer.weight, bias)
-
-    @staticmethod
-    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None, None]:
-        grad_x = grad_bias = None
-        if ctx.needs_input_grad[0]:
-            grad_x = (grad @ ctx.layer.weight.dequantize().to(grad.dtype)).to(ctx.x_dtype)
-        if ctx.has_bias and ctx.needs_input_grad[1]:
-            grad_bias = grad.reshape(-1, grad.shape[-1]).sum(0)
-        return grad_x, grad_bias, None
-
-
-def release_file_pages(t: torch.Tensor, live: Sequence[torch.Tensor]) -> None:
-    """Hand back the pages of a dropped tensor that lie in a file mapping (the checkpoint, mapped by
-    safetensors) and in no live tensor: the kernel re-reads them from the file if they are ever touched, so
-    nothing in use changes. Anonymous memory is never touched. A no-op off Linux."""
-    start = t.data_ptr()
-    end = start + t.numel() * t.element_size()
-    page = mmap.PAGESIZE
-    first, last = -(-start // page) * page, end // page * page
-    if last <= first or not _in_file_mapping(first, last):
-        return
-    for other in live:
-        low = other.data_ptr()
-        if low < last and first < low + other.numel() * other.element_size():
-            return
-    c = libc()
-    if c is not None:
-        c.madvise(ctypes.c_void_p(first), ctypes.c_size_t(last - first), MADV_DONTNEED)
-
-
-MADV_DONTNEED = 4
-
-
-def _in_file_mapping(first: int, last: int) -> bool:
-    """Whether [first, last) lies inside one mapping of a file (/proc/self/maps)."""
-    try:
-        lines = Path("/proc/self/maps").read_text().splitlines()
-    except OSError:
-        return False
-    for line in lines:
-        fields = line.split()
-        low, high = (int(x, 16) for x in fields[0].split("-"))
-        if low <= first and last <= high:
-            return len(fields) >= 6 and fields[4] != "0"  # an inode: a file, not anonymous memory
-    return False
-
-
-def trim_heap() -> None:
-    """Return freed heap to the system (glibc keeps it otherwise, and the peak RSS with it)."""
-    c = libc()
-    if c is not None and hasattr(c, "malloc_trim"):
-        c.malloc_trim(0)
-
-
 def load_base(
     name_or_path: str | os.PathLike,
     task: str | None = None,
@@ -187,8 +69,10 @@ def load_base(
     ``device`` / ``dtype`` (``devices.py``: "auto", "cpu", "cuda:1", ...; "fp32", "bf16", "fp16"): where the model
     runs and in what precision; None keeps transformers' defaults (the CPU, the checkpoint's float32).
     ``device_map="auto"`` spreads a base larger than one device over all of them (transformers + accelerate).
-    ``quantize`` ("int8", "int4"): the frozen base's linear weights quantized as they load (torchao, weight-only),
-    for adapters trained, composed or served on top; merging into such a base is refused.
+    ``quantize`` ("int8", "int4"): a weight-only quantized frozen base, for adapters trained, composed or served on
+    top; merging into it is refused. int8 (``quantize.py``, any device): every linear and embedding weight as int8
+    rows with a scale per row, quantized one weight at a time as the model loads. int4 (CUDA only): torchao's
+    tinygemm linears, quantized by transformers as they load.
     """
     from transformers import AutoConfig, AutoTokenizer
 
@@ -207,11 +91,10 @@ def load_base(
     if task not in TASKS:
         raise ValueError(f"task must be one of {TASKS}, got {task!r}")
     kwargs: dict[str, Any] = {} if torch_dtype is None else {"dtype": torch_dtype}
-    quantized = quantization_config(quantize, target) if quantize is not None else None
-    if quantized is not None and (device_map is not None or (target is not None and target.type != "cpu")):
-        from transformers import TorchAoConfig  # on a GPU: quantized as it loads, the float model never there
-
-        kwargs["quantization_config", "quantize_linears"] = TorchAoConfig(quantized)
+    if quantize is not None:
+        check_quantize(quantize, target)
+    if quantize == "int4":
+        kwargs["quantization_config"] = int4_config()
     if device_map is not None:
         kwargs["device_map"] = device_map
     label2id = default_label2id(examples) if task == "classification" and examples else None
@@ -225,8 +108,8 @@ def load_base(
         config.id2label = {i: label for label, i in label2id.items()}
         kwargs["ignore_mismatched_sizes"] = True  # the base's head (if any) has other labels
     model = model_classes()[task].from_pretrained(source, config=config, **kwargs).eval()
-    if quantized is not None and "quantization_config" not in kwargs:
-        quantize_linears(model, quantized)
+    if quantize == "int8":
+        quantize_model(model)  # before the move to the device: the float weights never reach it
     if target is not None and device_map is None:
         model.to(target)
     tokenizer = AutoTokenizer.from_pretrained(source)
@@ -241,6 +124,4 @@ __all__ = [
     "load_base",
     "model_classes",
     "model_source",
-    "quantization_config",
-    "quantize_linears",
 ]
