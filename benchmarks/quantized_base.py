@@ -1,4 +1,4 @@
-"""Benchmark: a weight-only int8 frozen base (torchao) against the float32 base, on FLAN-T5-base's shapes.
+"""Benchmark: a weight-only int8 frozen base (``quantize.py``) against the float32 base, on FLAN-T5-base's shapes.
 
 Two jobs, each run in a fresh process per base so that its peak RSS is its own (imports included):
 
@@ -7,9 +7,12 @@ Two jobs, each run in a fresh process per base so that its peak RSS is its own (
 - lorahub: ``load_base`` + ``loraloom.lorahub`` over 20 random LoRA modules (r=16 on q, v) on 5 examples,
            budget 10 forward passes.
 
-The model (random weights, ~248M parameters, 1 GB in float32) is written once to a temp folder. Reported:
-peak RSS of each job for each base and their ratio (target: int8 <= 0.5x float32), and the final training
-loss / LoraHub objective of each (target: within 2%). The last line holds the ratios.
+Three bases: ``fp32`` (``load_base`` as it is), ``int8`` (``quantize="int8"``, which also sets glibc's mmap
+threshold: ``quantize.keep_heap_small``) and ``fp32-heap`` (float32 with that same allocator setting, to show
+what the setting alone gives). The model (random weights, ~248M parameters, 1 GB in float32) is written once to
+a temp folder. Reported: peak RSS of each job for each base and the ratios to fp32 (target: int8 <= 0.5x
+float32), the final training loss / LoraHub objective of each (target: within 2%) and the job's wall time
+(loaded machine: indicative only). The last line holds the ratios.
 
     .venv/bin/python benchmarks/quantized_base.py [--steps N] [--rounds N]
 """
@@ -20,6 +23,7 @@ import argparse
 import functools
 import random
 import tempfile
+import time
 import warnings
 from pathlib import Path
 
@@ -28,7 +32,7 @@ from common import interleave, median, run_isolated
 from lora_train_varlen import word_tokenizer
 
 JOBS = ("train", "lorahub")
-BASES = ("fp32", "int8")
+BASES = ("fp32", "fp32-heap", "int8")
 
 
 def flan_t5_base_config():
@@ -82,15 +86,19 @@ def run(job: str, quantize: str, base: str, modules: list[str], steps: int) -> d
     torch.set_num_threads(1)
     import loraloom
     from loraloom.models import load_base
+    from loraloom.quantize import keep_heap_small
 
-    model, tok = load_base(base, quantize=None if quantize == "fp32" else quantize)
+    start = time.perf_counter()
+    model, tok = load_base(base, quantize="int8" if quantize == "int8" else None)
+    if quantize == "fp32-heap":
+        keep_heap_small()
     if job == "train":
         config = loraloom.LoraConfig(r=16, lora_alpha=32, target_modules=["q", "v"])
         data = examples(4 * steps, 63, 15, seed=1)
         result = loraloom.train(model, tok, data, config, max_steps=steps, batch_size=4, lr=1e-3, progress=False)
-        return {"value": sum(result.losses[-3:]) / 3}
+        return {"value": sum(result.losses[-3:]) / 3, "seconds": time.perf_counter() - start}
     result = loraloom.lorahub(model, modules, examples(5, 63, 15, seed=2), tokenizer=tok, budget=10, progress=False)
-    return {"value": result.objective}
+    return {"value": result.objective, "seconds": time.perf_counter() - start}
 
 
 def main() -> None:
@@ -109,15 +117,18 @@ def main() -> None:
         }
         runs = interleave(peers, args.rounds)
     print(f"T5 with FLAN-T5-base's shapes (random weights); {args.rounds} round(s); peak RSS of each fresh process")
-    print(f"{'job':<8} {'base':<5} {'peak RSS MiB':>13} {'loss / objective':>17}")
+    print(f"{'job':<8} {'base':<9} {'peak RSS MiB':>13} {'/ fp32':>7} {'loss / objective':>17} {'seconds':>8}")
     line = []
     for job in JOBS:
         rss = {q: median([r for _, r in runs[f"{job}-{q}"]]) for q in BASES}
         value = {q: median([v["value"] for v, _ in runs[f"{job}-{q}"]]) for q in BASES}
+        seconds = {q: median([v["seconds"] for v, _ in runs[f"{job}-{q}"]]) for q in BASES}
         for q in BASES:
-            print(f"{job:<8} {q:<5} {rss[q]:>13.0f} {value[q]:>17.4f}")
+            ratio = rss[q] / rss["fp32"]
+            print(f"{job:<8} {q:<9} {rss[q]:>13.0f} {ratio:>6.2f}x {value[q]:>17.4f} {seconds[q]:>8.1f}")
         line.append(
-            f"{job}: rss int8/fp32={rss['int8'] / rss['fp32']:.2f}x value int8/fp32={value['int8'] / value['fp32']:.3f}"
+            f"{job}: rss int8/fp32={rss['int8'] / rss['fp32']:.2f}x int8/fp32-heap={rss['int8'] / rss['fp32-heap']:.2f}x"
+            f" value int8/fp32={value['int8'] / value['fp32']:.3f}"
         )
     print("RESULT " + "  ".join(line))
 

@@ -18,7 +18,7 @@ from .adapters import load_adapter, read_adapter
 from .adapters.peft_format import normalise_key
 from .data import Example, default_label2id
 from .devices import resolve_device, resolve_dtype
-from .quantize import QUANTIZE, check_quantize, int4_config, quantize_model
+from .quantize import QUANTIZE, check_quantize, int4_config, keep_heap_small, quantize_model
 from .tasks import TASKS, task_of_adapter, task_of_config
 
 # Head weights whose first dimension is the number of labels of a saved classifier.
@@ -110,6 +110,7 @@ def load_base(
     model = model_classes()[task].from_pretrained(source, config=config, **kwargs).eval()
     if quantize == "int8":
         quantize_model(model)  # before the move to the device: the float weights never reach it
+        keep_heap_small()
     if target is not None and device_map is None:
         model.to(target)
     tokenizer = AutoTokenizer.from_pretrained(source)

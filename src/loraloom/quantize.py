@@ -245,6 +245,24 @@ def _in_file_mapping(first: int, last: int) -> bool:
     return False
 
 
+# glibc's mallopt parameters (malloc.h).
+M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
+
+
+def keep_heap_small() -> None:
+    """Serve allocations above 128 KiB from their own mappings, returned to the system when freed.
+
+    glibc raises its mmap threshold each time a large block is freed (up to 32 MiB), after which activations and
+    their gradients come from the heap, where freed blocks fragment it and stay resident: on FLAN-T5-base's shapes
+    that held ~250 MiB beyond what training used, as much as the int8 weights save. A fixed threshold turns the
+    raising off. Process-wide, so set only when a quantized base asks for a small footprint. A no-op off glibc.
+    """
+    c = libc()
+    if c is not None and hasattr(c, "mallopt"):
+        c.mallopt(M_MMAP_THRESHOLD, 128 * 1024)
+        c.mallopt(M_TRIM_THRESHOLD, 128 * 1024)
+
+
 def trim_heap() -> None:
     """Return freed heap to the system (glibc keeps it otherwise, and the peak RSS with it)."""
     c = libc()
@@ -259,6 +277,7 @@ __all__ = [
     "check_quantize",
     "int4_config",
     "is_int8",
+    "keep_heap_small",
     "quantize_model",
     "release_file_pages",
     "trim_heap",
