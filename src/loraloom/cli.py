@@ -46,7 +46,7 @@ BASE_OPTIONS.add_argument("--task", choices=TASKS, help="default: from the adapt
 PLACE_OPTIONS = add_device_arguments(argparse.ArgumentParser(add_help=False))  # every command that loads a model
 DEVICE_OPTIONS = argparse.ArgumentParser(add_help=False, parents=[PLACE_OPTIONS])
 DEVICE_OPTIONS.add_argument("--device-map", choices=["auto"], help="spread a large base over every device")
-DEVICE_OPTIONS.add_argument("--quantize", choices=QUANTIZE, help="a weight-only quantized frozen base (torchao)")
+DEVICE_OPTIONS.add_argument("--quantize", choices=QUANTIZE, help="a weight-only quantized base: int8, or int4 on CUDA")
 FIELD_OPTIONS = argparse.ArgumentParser(add_help=False)
 FIELD_OPTIONS.add_argument("--input-field", default="input", help="default: %(default)s")
 FIELD_OPTIONS.add_argument("--target-field", default="target", help="default: %(default)s")

@@ -80,7 +80,7 @@ class ServeOptions:
     """Where the base runs: auto (cuda, else mps, else cpu), cpu, cuda, cuda:N or mps (the shared --device)."""
     dtype: str = "auto"
     """The base's precision: fp32, bf16, fp16, or auto (the shared --dtype)."""
-    quantize: str | None = flag("a weight-only quantized base (torchao): int8 (CPU, CUDA) or int4 (CUDA)",
+    quantize: str | None = flag("a weight-only quantized base: int8, or int4 on CUDA (torchao)",
                                 default=None, choices=QUANTIZE)  # fmt: skip
     gpus_per_replica: float = flag("Ray Serve: GPUs each replica asks for (fractional allowed)", default=0.0)
     api_key: str | None = flag("every route but /health needs Authorization: Bearer KEY (default: $LORALOOM_API_KEY)",
