@@ -174,6 +174,8 @@ def test_the_int8_embedding_looks_up_the_dequantized_rows(small_blocks):
     table = quantize.quantize_model(torch.nn.Embedding(10, 16, padding_idx=0))
     ids = torch.tensor([[0, 3, 9], [9, 9, 1]])
     torch.testing.assert_close(table(ids), table.weight.dequantize()[ids], atol=0, rtol=0)
+    with pytest.raises(ValueError, match="max_norm"):  # it would rescale the table's rows in place
+        torch.nn.functional.embedding(ids, table.weight, max_norm=1.0)
 
 
 def test_bf16_autocast_and_a_bf16_move_compute_in_bf16():

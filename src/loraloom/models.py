@@ -71,8 +71,9 @@ def load_base(
     ``device_map="auto"`` spreads a base larger than one device over all of them (transformers + accelerate).
     ``quantize`` ("int8", "int4"): a weight-only quantized frozen base, for adapters trained, composed or served on
     top; merging into it is refused. int8 (``quantize.py``, any device): every linear and embedding weight as int8
-    rows with a scale per row, quantized one weight at a time as the model loads. int4 (CUDA only): torchao's
-    tinygemm linears, quantized by transformers as they load.
+    rows with a scale per row, quantized one weight at a time as the model loads; it also fixes glibc's mmap
+    threshold for the process (``quantize.keep_heap_small``: less memory, slower allocations). int4 (CUDA only):
+    torchao's tinygemm linears, quantized by transformers as they load.
     """
     from transformers import AutoConfig, AutoTokenizer
 

@@ -66,7 +66,8 @@ class Int8Weight(torch.Tensor):
         return cls(qdata, scale, w.dtype)
 
     def dequantize(self, dtype: torch.dtype | None = None) -> torch.Tensor:
-        return (self.qdata.to(torch.float32) * self.scale[:, None]).to(dtype or self.dtype)
+        """The whole float weight (for ops other than linear and embedding: it exists only while they run)."""
+        return _dequantize(self.qdata, self.scale, slice(None), dtype or self.dtype)
 
     def __repr__(self) -> str:
         return f"Int8Weight(shape={tuple(self.shape)}, dtype={self.dtype}, device={self.device})"
@@ -82,9 +83,10 @@ class Int8Weight(torch.Tensor):
     @classmethod
     def __torch_function__(cls, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
         kwargs = kwargs or {}
-        if func is F.linear and isinstance(_arg(args, kwargs, 1, "weight"), Int8Weight):
+        weight = args[1] if len(args) > 1 else kwargs.get("weight")
+        if func is F.linear and isinstance(weight, Int8Weight):
             return _linear(*args, **kwargs)
-        if func is F.embedding and isinstance(_arg(args, kwargs, 1, "weight"), Int8Weight):
+        if func is F.embedding and isinstance(weight, Int8Weight):
             return _embedding(*args, **kwargs)
         with torch._C.DisableTorchFunctionSubclass():
             return func(*args, **kwargs)
@@ -109,10 +111,6 @@ class Int8Weight(torch.Tensor):
         return func(*[plain(a) for a in args], **{k: plain(v) for k, v in kwargs.items()})
 
 
-def _arg(args: tuple, kwargs: dict, i: int, name: str) -> Any:
-    return args[i] if len(args) > i else kwargs.get(name)
-
-
 def _row_blocks(shape: Sequence[int]) -> list[slice]:
     """Slices of rows holding about ``BLOCK`` elements each."""
     rows = max(1, BLOCK // max(1, shape[1]))
@@ -134,16 +132,18 @@ def _linear(x: torch.Tensor, weight: Int8Weight, bias: torch.Tensor | None = Non
 
 class _Int8LinearFn(torch.autograd.Function):
     """y = x Wᵀ with W dequantized a block of output rows at a time, in the forward and in the backward (dL/dx =
-    dL/dy W). Only x's gradient is computed: the weight is frozen, and saving nothing keeps the float weight out of
-    the autograd graph, which otherwise holds a float copy of every layer's weight until the backward pass."""
+    dL/dy W). Only x's gradient is computed: the weight is frozen. The graph keeps the int8 rows, not the float W
+    that autograd through a dequantized weight would keep for every layer until the backward pass."""
 
     @staticmethod
     def forward(ctx: Any, x: torch.Tensor, qdata: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
         ctx.save_for_backward(qdata, scale)
+        blocks = _row_blocks(qdata.shape)
+        if len(blocks) == 1:
+            return torch.matmul(x, _dequantize(qdata, scale, blocks[0], x.dtype).T)
         out = x.new_empty((*x.shape[:-1], qdata.shape[0]))
-        for rows in _row_blocks(qdata.shape):
-            w = qdata[rows].to(x.dtype) * scale[rows, None].to(x.dtype)
-            out[..., rows] = torch.matmul(x, w.T)
+        for rows in blocks:
+            out[..., rows] = torch.matmul(x, _dequantize(qdata, scale, rows, x.dtype).T)
         return out
 
     @staticmethod
@@ -153,13 +153,20 @@ class _Int8LinearFn(torch.autograd.Function):
         qdata, scale = ctx.saved_tensors
         grad_x = grad.new_zeros((*grad.shape[:-1], qdata.shape[1]))
         for rows in _row_blocks(qdata.shape):
-            w = qdata[rows].to(grad.dtype) * scale[rows, None].to(grad.dtype)
-            grad_x += torch.matmul(grad[..., rows], w)
+            grad_x += torch.matmul(grad[..., rows], _dequantize(qdata, scale, rows, grad.dtype))
         return grad_x, None, None
 
 
-def _embedding(ids: torch.Tensor, weight: Int8Weight, padding_idx: int | None = None, *args: Any, **kwargs: Any):
+def _dequantize(qdata: torch.Tensor, scale: torch.Tensor, rows: slice, dtype: torch.dtype) -> torch.Tensor:
+    return qdata[rows].to(dtype) * scale[rows, None].to(dtype)
+
+
+def _embedding(
+    ids: torch.Tensor, weight: Int8Weight, padding_idx: int | None = None, max_norm: float | None = None, *_, **__
+) -> torch.Tensor:
     """The looked-up rows only, dequantized: the table stays int8 (no gradient reaches a frozen table)."""
+    if max_norm is not None:
+        raise ValueError("an embedding with max_norm rescales its table in place; an int8 table is frozen")
     return weight.qdata[ids].to(weight.dtype) * weight.scale[ids, None].to(weight.dtype)
 
 
