@@ -4,10 +4,11 @@
 PEFT and loraloom's adapter layers run on it unchanged: it reports the float dtype and shape, ``F.linear`` and
 ``F.embedding`` on it compute from the int8 rows, and anything else sees the dequantized weight.
 
-Written here rather than taken from torchao (which ``int4`` on CUDA still uses) because torchao's int8 tensor, on the
-CPU, dequantizes a whole weight per call (the 32128 x 768 embedding and LM head: 94 MiB each time), autograd
-through it keeps a float copy of every weight for the backward pass, and importing it costs ~1 s and ~60 MiB.
-Here the forward and the backward dequantize ``BLOCK`` elements at a time, so the float weight never exists whole.
+Written here rather than taken from torchao (which ``int4`` on CUDA still uses) because torchao's int8 tensor
+dequantizes a whole weight per call (the 32128 x 768 embedding and LM head: 94 MiB each time) and autograd through
+it keeps a float copy of every weight for the backward pass; and because once torchao is installed, transformers
+imports it on every model load (~90 MiB). Here the forward and the backward dequantize ``BLOCK`` elements at a
+time, so a float weight never exists whole.
 
 ``quantize_model`` quantizes a loaded model in place one weight at a time, handing each float weight's pages back
 as it goes, so loading peaks near the quantized size rather than the float one.
