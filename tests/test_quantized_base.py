@@ -195,3 +195,16 @@ def test_writing_into_an_int8_weight_is_refused():
     layer = quantize.quantize_model(torch.nn.Linear(4, 4))
     with pytest.raises(RuntimeError, match="frozen"):
         layer.weight.data.add_(1.0)
+
+
+def test_int8_needs_no_torchao(base):
+    import subprocess
+    import sys
+
+    code = (
+        "import sys; sys.modules['torchao'] = None\n"  # as if not installed: importing it raises, find_spec is None
+        "from loraloom.models import load_base\n"
+        f"model = load_base({str(base)!r}, quantize='int8')[0]\n"
+        "assert type(model.lm_head.weight).__name__ == 'Int8Weight'\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, capture_output=True)
