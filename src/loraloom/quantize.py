@@ -163,9 +163,15 @@ def _dequantize(qdata: torch.Tensor, scale: torch.Tensor, rows: slice, dtype: to
 
 
 def _embedding(
-    ids: torch.Tensor, weight: Int8Weight, padding_idx: int | None = None, max_norm: float | None = None, *_, **__
+    ids: torch.Tensor,
+    weight: Int8Weight,
+    padding_idx: int | None = None,
+    max_norm: float | None = None,
+    *_: Any,
+    **__: Any,
 ) -> torch.Tensor:
-    """The looked-up rows only, dequantized: the table stays int8 (no gradient reaches a frozen table)."""
+    """The looked-up rows only, dequantized: the table stays int8. padding_idx and the rest only shape the table's
+    gradient, and a frozen table has none."""
     if max_norm is not None:
         raise ValueError("an embedding with max_norm rescales its table in place; an int8 table is frozen")
     return weight.qdata[ids].to(weight.dtype) * weight.scale[ids, None].to(weight.dtype)
