@@ -205,7 +205,9 @@ class Objective:
         out = []
         sources = [(len(f["input_ids"]),) for f in self.features]
         for idx in length_buckets(sources, population, self.call_cost / 2):
-            batch = collate([{"input_ids": self.features[i]["input_ids"], "labels": [0]} for i in idx], self.pad_token_id)
+            batch = collate(
+                [{"input_ids": self.features[i]["input_ids"], "labels": [0]} for i in idx], self.pad_token_id
+            )
             out.append((idx, _to({"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}, device)))
         targets = [(len(f["labels"]),) for f in self.features]
         for idx in length_buckets(targets, population, self.call_cost / 2):
@@ -288,9 +290,9 @@ class Objective:
         for idx, batch in self.micro_batches(p):
             if "input_ids" not in batch:  # a decoder call
                 width = int(batch["attention_mask"].shape[1])
-                hidden = torch.stack(
-                    [F.pad(states[i], (0, 0, 0, width - states[i].shape[1])) for i in idx], 1
-                ).flatten(0, 1)  # candidate-major, as the composed layers expect
+                hidden = torch.stack([F.pad(states[i], (0, 0, 0, width - states[i].shape[1])) for i in idx], 1).flatten(
+                    0, 1
+                )  # candidate-major, as the composed layers expect
                 logits = self.model(
                     encoder_outputs=(hidden,),
                     attention_mask=batch["attention_mask"].repeat(p, 1),
