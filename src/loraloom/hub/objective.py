@@ -12,7 +12,9 @@ Two formulas (``formula``):
 Purity: evaluation runs in eval mode under ``torch.inference_mode`` and never writes into the bank or
 the model, so the same weights give the same value every time. Speed: examples are grouped by length
 into micro-batches without padding, and P candidates are scored in one pass (``Composition``'s
-population mode) by repeating each micro-batch P times.
+population mode) by repeating each micro-batch P times. A seq2seq model's encoder and decoder run as
+calls of their own, each grouped by its own lengths (short targets are not padded to the longest input,
+and inputs not cut into more calls than their lengths need), with no KV cache built (``use_cache=False``).
 """
 
 from __future__ import annotations
