@@ -13,8 +13,8 @@ Purity: evaluation runs in eval mode under ``torch.inference_mode`` and never wr
 the model, so the same weights give the same value every time. Speed: examples are grouped by length
 into micro-batches without padding, and P candidates are scored in one pass (``Composition``'s
 population mode) by repeating each micro-batch P times. A seq2seq model's encoder and decoder run as
-calls of their own, each grouped by its own lengths (short targets are not padded to the longest input,
-and inputs not cut into more calls than their lengths need), with no KV cache built (``use_cache=False``).
+calls of their own, each side grouped by its own lengths (the decoder's few target tokens then need few
+calls, whatever the inputs' lengths), and no KV cache is built (``use_cache=False``).
 """
 
 from __future__ import annotations
@@ -291,10 +291,9 @@ class Objective:
         states: dict[int, torch.Tensor] = {}  # example -> P x its length x d_model
         for idx, batch in self.micro_batches(p):
             if "input_ids" not in batch:  # a decoder call
-                width = int(batch["attention_mask"].shape[1])
-                hidden = torch.stack([F.pad(states[i], (0, 0, 0, width - states[i].shape[1])) for i in idx], 1).flatten(
-                    0, 1
-                )  # candidate-major, as the composed layers expect
+                width = batch["attention_mask"].shape[1]
+                padded = [F.pad(states[i], (0, 0, 0, width - states[i].shape[1])) for i in idx]
+                hidden = torch.stack(padded, 1).flatten(0, 1)  # candidate-major, as the composed layers expect
                 logits = self.model(
                     encoder_outputs=(hidden,),
                     attention_mask=batch["attention_mask"].repeat(p, 1),
@@ -307,7 +306,7 @@ class Objective:
             hidden = encoder(input_ids=batch["input_ids"].repeat(p, 1), attention_mask=mask.repeat(p, 1))[0]
             hidden = hidden.view(p, len(idx), *hidden.shape[1:])
             for j, i in enumerate(idx):
-                states[i] = hidden[:, j, : int(mask[j].sum())]
+                states[i] = hidden[:, j, : len(self.features[i]["input_ids"])]
 
     def scores(self, w: torch.Tensor, sums: torch.Tensor) -> Scores:
         """Objective from the P x n summed token losses; non-finite losses score +inf."""
