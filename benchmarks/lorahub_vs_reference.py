@@ -1,6 +1,6 @@
 """LoraHub: loraloom against the reference package (``lorahub`` 0.1.0 on PyPI), end to end.
 
-    python benchmarks/lorahub_vs_reference.py [--quick] [--seeds 5] [--budget 40]
+    python benchmarks/lorahub_vs_reference.py [--quick] [--seeds 5] [--budget 40] [--threads 1] [--ref-venv DIR]
 
 The reference runs in its own venv (default benchmarks/.ref-venv, built by benchmarks/reference_env.sh
 when missing: ``bash benchmarks/reference_env.sh``). Both sides get the same setting, built once in
@@ -367,6 +367,8 @@ def spawn(python: str, worker: str, args: argparse.Namespace, **extra) -> dict:
         x for k, v in extra.items() for x in (f"--{k}", str(v))
     ]
     env = {**os.environ, "TOKENIZERS_PARALLELISM": "false", "PYTHONWARNINGS": "ignore"}
+    if args.threads:  # every side gets the same number of intra-op threads (torch reads these at start)
+        env.update(OMP_NUM_THREADS=str(args.threads), MKL_NUM_THREADS=str(args.threads))
     with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
         start = time.time()
         proc = subprocess.Popen(cmd, stdout=out, stderr=err, text=True, env=env)
@@ -411,7 +413,8 @@ def report(args: argparse.Namespace, runs: dict[str, list[dict]], scores: dict) 
     print(
         f"\nLoraHub, FLAN-T5-{args.shape} shapes (random weights), {N_MODULES} modules r={RANK} on q,v, "
         f"example set {args.examples!r}: {len(lengths)} examples of {min(lengths)}-{max(lengths)} input tokens, "
-        f"K={k} for the reference; seeds {args.seed_list}, {os.cpu_count()} CPUs; medians over seeds\n"
+        f"K={k} for the reference; seeds {args.seed_list}, {os.cpu_count()} CPUs, threads "
+        f"{args.threads or os.environ.get('OMP_NUM_THREADS', 'default')}; medians over seeds\n"
     )
     print(
         f"{'':20s}{'wall s':>7s}{'adapt s':>8s}{'bare ms':>8s}{'adapt/Kbare':>12s}{'RSS MiB':>8s}{'evals':>6s}"
@@ -485,6 +488,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--budget", type=int, default=40)
     parser.add_argument("--work", default=str(Path(tempfile.gettempdir()) / "loraloom-lorahub-bench"))
     parser.add_argument("--ref-venv", default=str(HERE / ".ref-venv"))
+    parser.add_argument("--threads", type=int, help="OMP/MKL threads of every run (default: the environment's)")
     parser.add_argument("--device", default="cpu", help="where loraloom's variants run: cpu, cuda, cuda:N, mps")
     parser.add_argument(
         "--variants", default=",".join(VARIANTS), help="comma-separated subset of " + ",".join(VARIANTS)

@@ -41,3 +41,36 @@ result = ll.lorahub(model, modules, EXAMPLES, tokenizer=tokenizer(), budget=4, m
 result.save({str(tmp_path / "out")!r}, plot=False)
 """
     assert loaded_after(code) == []
+
+
+def test_a_nevergrad_search_leaves_out_bayes_opt_unless_asked(tmp_path):
+    """NGOpt's search imports nevergrad without bayes_opt (and its scikit-learn and pandas); asking for BO
+    first still gets it, and asking for it after names the fix."""
+    code = f"""
+import sys
+from hub_modules import EXAMPLES, make_modules, tokenizer
+from tiny_models import tiny_t5
+import loraloom as ll
+model = tiny_t5()
+modules = make_modules(model, __import__("pathlib").Path({str(tmp_path)!r}), 2)
+result = ll.lorahub(model, modules, EXAMPLES, tokenizer=tokenizer(), budget=4, mode="nevergrad", population=1)
+assert result.settings["method"].startswith("nevergrad:NGOpt"), result.settings["method"]
+assert "NGOpt" in sys.modules["nevergrad"].optimizers.registry
+assert "bayes_opt" not in sys.modules and "sklearn" not in sys.modules, "bayes_opt loaded"
+try:
+    ll.SearchSettings(mode="nevergrad", optimizer="BO")
+except ValueError as e:
+    assert "import nevergrad" in str(e) or "unknown" in str(e), e
+"""
+    assert loaded_after(code) == ["nevergrad"]
+
+
+def test_bo_asked_first_gets_bayes_opt():
+    code = """
+import importlib.util, sys
+import loraloom as ll
+ll.SearchSettings(mode="nevergrad", optimizer="BO")
+has = importlib.util.find_spec("bayes_opt") is not None
+assert ("BO" in sys.modules["nevergrad"].optimizers.registry) == has
+"""
+    assert loaded_after(code) == ["nevergrad"]

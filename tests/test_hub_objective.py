@@ -143,12 +143,38 @@ def test_length_buckets_trade_padding_against_calls():
 def test_objective_uses_few_forward_calls_and_no_padding_waste(tmp_path):
     model, composition, features, objective = setup(tmp_path)
     batches = objective.micro_batches(4)
-    covered = sorted(i for idx, _ in batches for i in idx)
-    assert covered == list(range(len(features)))
-    padded = sum(b["input_ids"].numel() for _, b in batches)
+    encoder = [(idx, b) for idx, b in batches if "input_ids" in b]
+    decoder = [(idx, b) for idx, b in batches if "decoder_input_ids" in b]
+    assert len(encoder) + len(decoder) == len(batches)
+    for calls in (encoder, decoder):  # each side sees every example once
+        assert sorted(i for idx, _ in calls for i in idx) == list(range(len(features)))
+    padded = sum(b["input_ids"].numel() for _, b in encoder)
     real = sum(len(f["input_ids"]) for f in features)
     assert padded < collate(features, 0)["input_ids"].numel()
     assert padded <= 1.25 * real
+    # the decoder is padded to its longest target only, and never to an input's length
+    assert all(b["decoder_input_ids"].shape[1] == max(len(features[i]["labels"]) for i in idx) for idx, b in decoder)
+
+
+@pytest.mark.parametrize("arch", ["t5", "bart"])
+def test_seq2seq_split_matches_one_padded_forward(tmp_path, arch):
+    """Encoder and decoder in calls of their own give the loss of one padded forward of the whole model."""
+    model, composition, features, objective = setup(tmp_path, arch)
+    batch = collate(features, 0)
+    batch["decoder_input_ids"] = model.prepare_decoder_input_ids_from_labels(labels=batch["labels"])
+    labels = batch.pop("labels")
+    for p in (1, 3):
+        w = W[:p]
+        composition.set_weights(w)
+        with torch.no_grad():
+            logits = model(**{k: v.repeat(p, 1) for k, v in batch.items()}).logits
+        composition.clear()
+        loss = torch.nn.functional.cross_entropy(
+            logits.flatten(0, 1), labels.repeat(p, 1).flatten(), ignore_index=-100, reduction="none"
+        )
+        expected = loss.view(p, -1).sum(1).double() / (labels != -100).sum()
+        got = Objective(composition, features, pad_token_id=0)(w).losses
+        assert torch.allclose(got, expected, rtol=1e-5, atol=1e-6)
 
 
 def test_bad_examples(tmp_path):

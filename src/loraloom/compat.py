@@ -177,7 +177,9 @@ def lorahub_learning(
     # The reference seeds numpy's global generator, from which nevergrad then draws its own seed.
     random_state = np.random.RandomState(np.random.RandomState(seed).randint(2**32, dtype=np.uint32))
     with Composition(model, bank) as composition:
-        objective = Objective(composition, features, pad_token_id=pad_token_id, formula="reference", batch_size=batch_size)
+        objective = Objective(
+            composition, features, pad_token_id=pad_token_id, formula="reference", batch_size=batch_size
+        )
         scorer = _CustomScorer(objective, dataset, batch_size, get_loss, get_regular)
         settings = reference_search(max_inference_step)
         found = nevergrad_search(scorer, settings, random_state=random_state)
@@ -213,9 +215,7 @@ def lorahub_inference(
         predictions = _reference_generate(model, tokenizer, inputs, batch_size)
     if example_outputs is None:
         return predictions, None
-    correct = sum(
-        normalise_answer(p) == normalise_answer(t) for p, t in zip(predictions, example_outputs, strict=True)
-    )
+    correct = sum(normalise_answer(p) == normalise_answer(t) for p, t in zip(predictions, example_outputs, strict=True))
     return predictions, correct / len(predictions) * 100
 
 

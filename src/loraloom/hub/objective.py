@@ -12,7 +12,9 @@ Two formulas (``formula``):
 Purity: evaluation runs in eval mode under ``torch.inference_mode`` and never writes into the bank or
 the model, so the same weights give the same value every time. Speed: examples are grouped by length
 into micro-batches without padding, and P candidates are scored in one pass (``Composition``'s
-population mode) by repeating each micro-batch P times.
+population mode) by repeating each micro-batch P times. A seq2seq model's encoder and decoder run as
+calls of their own, each side grouped by its own lengths (the decoder's few target tokens then need few
+calls, whatever the inputs' lengths), and no KV cache is built (``use_cache=False``).
 """
 
 from __future__ import annotations
@@ -182,7 +184,12 @@ class Objective:
         self.seconds = {"composition": 0.0, "forward": 0.0, "backward": 0.0}
 
     def micro_batches(self, population: int) -> list[tuple[list[int], dict[str, torch.Tensor]]]:
-        """(example indices, padded batch) per micro-batch for ``population`` candidates; fixed per size."""
+        """(example indices, padded batch) per forward call for ``population`` candidates; fixed per size.
+
+        Causal LMs: one call per micro-batch of whole examples. Seq2seq: the encoder's calls (``input_ids``,
+        ``attention_mask``) and then the decoder's (``decoder_input_ids``, ``labels``, and the
+        ``attention_mask`` of the encoder states it reads), each side grouped by its own lengths.
+        """
         if population not in self._micro_batches:
             with torch.inference_mode(False):  # plain tensors: gradient mode reuses them
                 self._micro_batches[population] = self._build_micro_batches(population)
@@ -190,13 +197,28 @@ class Objective:
 
     def _build_micro_batches(self, population: int) -> list[tuple[list[int], dict[str, torch.Tensor]]]:
         device = next(self.model.parameters()).device
-        lengths = [_lengths(f, self.task) for f in self.features]
+        if self.task != "seq2seq":
+            lengths = [(len(f["input_ids"]),) for f in self.features]
+            buckets = length_buckets(lengths, population, self.call_cost)
+            return [(idx, _to(collate([self.features[i] for i in idx], self.pad_token_id), device)) for idx in buckets]
+        # Seq2seq: the encoder reads the inputs and the decoder the (short) targets, so each side gets the
+        # grouping that suits its own lengths, and no call pads a short target to the longest input.
+        # Each side streams about half the model's weights a call.
         out = []
-        for idx in length_buckets(lengths, population, self.call_cost):
-            batch = collate([self.features[i] for i in idx], self.pad_token_id)
-            if self.task == "seq2seq":
-                batch["decoder_input_ids"] = self.model.prepare_decoder_input_ids_from_labels(labels=batch["labels"])
-            out.append((idx, {k: v.to(device) for k, v in batch.items()}))
+        sources = [(len(f["input_ids"]),) for f in self.features]
+        for idx in length_buckets(sources, population, self.call_cost / 2):
+            batch = collate(
+                [{"input_ids": self.features[i]["input_ids"], "labels": [0]} for i in idx], self.pad_token_id
+            )
+            out.append((idx, _to({"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}, device)))
+        targets = [(len(f["labels"]),) for f in self.features]
+        for idx in length_buckets(targets, population, self.call_cost / 2):
+            labels = collate([{"input_ids": [0], "labels": self.features[i]["labels"]} for i in idx], 0)["labels"]
+            width = max(sources[i][0] for i in idx)
+            mask = torch.tensor([[1] * sources[i][0] + [0] * (width - sources[i][0]) for i in idx])
+            decoder_input_ids = self.model.prepare_decoder_input_ids_from_labels(labels=labels)
+            batch = {"decoder_input_ids": decoder_input_ids, "labels": labels, "attention_mask": mask}
+            out.append((idx, _to(batch, device)))
         return out
 
     @property
@@ -235,8 +257,7 @@ class Objective:
             # Summed on the model's device, in float64 where it has one (MPS does not); one copy back at the end.
             acc = torch.float32 if device.type == "mps" else torch.float64
             sums = torch.zeros(p, self.n_examples, dtype=acc, device=device)
-            for idx, batch in self.micro_batches(p):
-                per_row = self._row_loss_sums({k: v.repeat(p, 1) for k, v in batch.items()})
+            for idx, per_row in self._row_loss_sums(p):
                 sums = sums.index_add(1, torch.tensor(idx, device=device), per_row.view(p, len(idx)).to(acc))
             sums = sums.to("cpu", torch.float64)
             self.seconds["composition"] += composed - start
@@ -246,23 +267,46 @@ class Objective:
             self.composition.clear()
             self.model.train(was_training)
 
-    def _row_loss_sums(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        labels = batch.pop("labels")
+    def _row_loss_sums(self, p: int) -> Iterator[tuple[list[int], torch.Tensor]]:
+        """(example indices, P x len(indices) summed token losses, candidate-major) per decoder call."""
         if self.task == "seq2seq":
-            logits = self.model(**batch).logits
-        else:
+            yield from self._seq2seq_loss_sums(p)
+            return
+        for idx, batch in self.micro_batches(p):
+            batch = {k: v.repeat(p, 1) for k, v in batch.items()}
+            labels = batch.pop("labels")
             # Only positions that predict a target token need the LM head (vocabularies are large).
             first = int((labels != IGNORE_INDEX).int().argmax(1).min())
             keep = labels.shape[1] - first + 1
             if self._logits_to_keep:
-                logits = self.model(**batch, logits_to_keep=keep).logits
+                logits = self.model(**batch, use_cache=False, logits_to_keep=keep).logits
             else:
-                logits = self.model(**batch).logits[:, -keep:]
-            logits, labels = logits[:, :-1], labels[:, first:]
-        loss = F.cross_entropy(
-            logits.float().flatten(0, 1), labels.flatten(), ignore_index=IGNORE_INDEX, reduction="none"
-        )
-        return loss.view(labels.shape).sum(1)
+                logits = self.model(**batch, use_cache=False).logits[:, -keep:]
+            yield idx, _token_loss_sums(logits[:, :-1], labels[:, first:])
+
+    def _seq2seq_loss_sums(self, p: int) -> Iterator[tuple[list[int], torch.Tensor]]:
+        """The encoder over its micro-batches, then the decoder over its own, reading the encoder states
+        unpadded per example (padding inside a decoder call is masked out of cross-attention)."""
+        encoder = self.model.get_encoder()
+        states: dict[int, torch.Tensor] = {}  # example -> P x its length x d_model
+        for idx, batch in self.micro_batches(p):
+            if "input_ids" not in batch:  # a decoder call
+                width = batch["attention_mask"].shape[1]
+                padded = [F.pad(states[i], (0, 0, 0, width - states[i].shape[1])) for i in idx]
+                hidden = torch.stack(padded, 1).flatten(0, 1)  # candidate-major, as the composed layers expect
+                logits = self.model(
+                    encoder_outputs=(hidden,),
+                    attention_mask=batch["attention_mask"].repeat(p, 1),
+                    decoder_input_ids=batch["decoder_input_ids"].repeat(p, 1),
+                    use_cache=False,
+                ).logits
+                yield idx, _token_loss_sums(logits, batch["labels"].repeat(p, 1))
+                continue
+            mask = batch["attention_mask"]
+            hidden = encoder(input_ids=batch["input_ids"].repeat(p, 1), attention_mask=mask.repeat(p, 1))[0]
+            hidden = hidden.view(p, len(idx), *hidden.shape[1:])
+            for j, i in enumerate(idx):
+                states[i] = hidden[:, j, : len(self.features[i]["input_ids"])]
 
     def scores(self, w: torch.Tensor, sums: torch.Tensor) -> Scores:
         """Objective from the P x n summed token losses; non-finite losses score +inf."""
@@ -281,10 +325,14 @@ class Objective:
         return Scores(values=values, losses=losses, penalties=penalties)
 
 
-def _lengths(feature: dict[str, list[int]], task: str) -> tuple[int, ...]:
-    if task == "seq2seq":
-        return (len(feature["input_ids"]), len(feature["labels"]))
-    return (len(feature["input_ids"]),)
+def _token_loss_sums(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Summed token cross-entropy of each row (fp32 logits; -100 labels take no loss)."""
+    loss = F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), ignore_index=IGNORE_INDEX, reduction="none")
+    return loss.view(labels.shape).sum(1)
+
+
+def _to(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
+    return {k: v.to(device) for k, v in batch.items()}
 
 
 __all__ = [

@@ -18,6 +18,7 @@ import contextlib
 import dataclasses
 import difflib
 import math
+import sys
 import time
 import warnings
 from collections.abc import Iterator, Sequence
@@ -51,6 +52,9 @@ MODES = ("nevergrad", "gradient", "hybrid")
 # never costs more than ``budget`` evaluations would.
 ADAM_STEP_COST = 3
 DTYPES = ("fp32", "bf16")
+# nevergrad imports bayes_opt (and with it scikit-learn and pandas: ~0.3-0.5 s) only to register these two
+# optimizers; NGOpt and every other optimizer do without it.
+BAYES_OPT_OPTIMIZERS = ("BO", "BOSplit")
 
 
 @dataclass
@@ -279,7 +283,7 @@ def run_search(
     if settings.mode == "gradient":
         return gradient_search(objective, settings, progress=progress)
     start = time.perf_counter()
-    import nevergrad  # noqa: F401  (deferred: slow to import, and gradient mode does without it)
+    import_nevergrad(settings.optimizer)  # deferred: slow to import, and gradient mode does without it
 
     import_seconds = time.perf_counter() - start
     if settings.mode == "hybrid":
@@ -321,6 +325,20 @@ def hybrid_search(
     )
 
 
+def import_nevergrad(optimizer: str = DEFAULT_OPTIMIZER) -> Any:
+    """nevergrad, imported on first use without bayes_opt unless ``optimizer`` is one that needs it."""
+    if "nevergrad" not in sys.modules and optimizer not in BAYES_OPT_OPTIMIZERS and "bayes_opt" not in sys.modules:
+        sys.modules["bayes_opt"] = None  # nevergrad's `from bayes_opt import ...` fails as it does when not installed
+        try:
+            import nevergrad
+        finally:
+            if sys.modules.get("bayes_opt", 0) is None:
+                del sys.modules["bayes_opt"]
+    import nevergrad
+
+    return nevergrad
+
+
 def check_optimizer(name: str, mode: str) -> None:
     """A nevergrad optimizer name the mode uses, checked before any work (gradient mode has none but Adam)."""
     if mode == "gradient":
@@ -330,8 +348,12 @@ def check_optimizer(name: str, mode: str) -> None:
                 "optimizer names a nevergrad optimizer for modes 'nevergrad' and 'hybrid'"
             )
         return
-    import nevergrad as ng
-
+    ng = import_nevergrad(name)
+    if name in BAYES_OPT_OPTIMIZERS and name not in ng.optimizers.registry:
+        raise ValueError(
+            f"optimizer {name!r} needs the bayes_opt package, and nevergrad was imported here without it (by an "
+            "earlier search, or bayes_opt is not installed): `import nevergrad` before the first search"
+        )
     if not isinstance(name, str) or name not in ng.optimizers.registry:
         close = difflib.get_close_matches(str(name), list(ng.optimizers.registry), n=3)
         hint = f"; did you mean {', '.join(close)}?" if close else " (see nevergrad.optimizers.registry)"
@@ -351,9 +373,8 @@ def nevergrad_optimizer(
 
     ``sigma`` is the initial step size (nevergrad's default when None).
     """
-    import nevergrad as ng  # slow to import: only when searching
-
     check_optimizer(name, "nevergrad")
+    ng = import_nevergrad(name)  # slow to import: only when searching
     parametrization = ng.p.Array(init=np.zeros(n), lower=-bounds, upper=bounds)
     parametrization.random_state = random_state
     if sigma is not None:
@@ -486,7 +507,7 @@ def _cut_short(found: SearchResult, stop: BaseException, what: str) -> None:
 
 def _population_for(optimizer: str, population: int) -> int:
     """``population``, or 1 for an optimizer that takes one candidate at a time (Cobyla, Powell, BO...)."""
-    import nevergrad as ng
+    ng = import_nevergrad(optimizer)
 
     if population > 1 and getattr(ng.optimizers.registry.get(optimizer), "no_parallelization", False):
         warnings.warn(
