@@ -99,3 +99,65 @@ def test_engines_refuse_the_other_kind_and_unbatchable_models():
     with pytest.raises(ValueError) as e:
         make_engine(marian, _Tok())
     assert "'marian' is not supported" in str(e.value) and len(str(e.value)) < 200
+
+
+# ---- the zoo over HTTP ---------------------------------------------------------------------------
+
+openai = pytest.importorskip("openai")
+pytest.importorskip("uvicorn")
+from loopback import serving  # noqa: E402
+
+from loraloom.cli import build_parser, options_of  # noqa: E402
+from loraloom.models import load_base  # noqa: E402
+from loraloom.serve.app import build_app  # noqa: E402
+from loraloom.serve.options import ServeOptions  # noqa: E402
+from loraloom.zoo import ARTIFACTS  # noqa: E402
+
+KEY = "zoo-key"
+PROMPTS = ["task : nose beach lion coffee", "task : rice blue bird juice boat", "task : red"]
+
+
+def _zoo_options(*flags: str) -> ServeOptions:
+    return options_of(ServeOptions, build_parser().parse_args(["serve", *flags]), named={})
+
+
+def test_zoo_flag_sets_base_and_adapters_and_a_model_is_required():
+    options = _zoo_options("--zoo", "--api-key", KEY)
+    assert options.base == str(ARTIFACTS / "base") and options.adapters == str(ARTIFACTS / "modules")
+    with pytest.raises(ValueError, match="--base FOLDER_OR_HUB_ID, or --zoo"):
+        _zoo_options()
+    with pytest.raises(ValueError, match="drop --base"):
+        _zoo_options("--zoo", "--base", str(ARTIFACTS / "base"))
+
+
+def _zoo_expected(prompt: str, modules: dict[str, float] | None = None, max_tokens: int = 8) -> str:
+    """Greedy ``generate`` in this process: the zoo's base with one module, or the modules composed."""
+    model, tok = load_base(str(ARTIFACTS / "base"), "seq2seq")
+    if modules and len(modules) == 1:
+        model = load_adapter(model, str(ARTIFACTS / "modules" / next(iter(modules))))
+    elif modules:
+        names = sorted(modules)
+        Composition(model, load_bank([ARTIFACTS / "modules" / n for n in names])).set_weights([modules[n] for n in names])
+    ids = tok(prompt, return_tensors="pt")
+    with torch.no_grad():
+        out = model.generate(**ids, max_new_tokens=max_tokens, do_sample=False, num_beams=1)
+    return tok.decode(out[0], skip_special_tokens=True)
+
+
+def test_zoo_served_over_http_equals_generation_in_process():
+    app = build_app(_zoo_options("--zoo", "--api-key", KEY, "--device", "cpu"))
+    with serving(app) as url:
+        client = openai.OpenAI(base_url=url + "/v1", api_key=KEY, max_retries=0, timeout=60)
+        assert any(m.id == "animal-is" for m in client.models.list().data)
+        # Several prompts of different lengths in one request: one batch, each row as alone.
+        out = client.completions.create(model="animal-is", prompt=PROMPTS, max_tokens=8, temperature=0)
+        got = [c.text for c in sorted(out.choices, key=lambda c: c.index)]
+        assert got == [_zoo_expected(p, {"animal-is": 1.0}) for p in PROMPTS]
+        weights = {"animal-is": 0.7, "color-the": 0.6}
+        composed = client.completions.create(model="base", prompt=PROMPTS[0], max_tokens=8, temperature=0,
+                                             extra_body={"lorahub_weights": weights})  # fmt: skip
+        assert composed.choices[0].text == _zoo_expected(PROMPTS[0], weights)
+        assert len({got[0], composed.choices[0].text, _zoo_expected(PROMPTS[0])}) > 1  # modules change outputs
+        with pytest.raises(openai.BadRequestError) as e:
+            client.completions.create(model="animal-is", prompt=PROMPTS[0], max_tokens=4, echo=True)
+        assert "echo" in str(e.value) and e.value.body["param"] == "echo"
