@@ -114,7 +114,8 @@ from loraloom.serve.options import ServeOptions  # noqa: E402
 from loraloom.zoo import ARTIFACTS  # noqa: E402
 
 KEY = "zoo-key"
-PROMPTS = ["task : nose beach lion coffee", "task : rice blue bird juice boat", "task : red"]
+# The zoo's bare prompts (no instruction): the base alone guesses, the modules answer (make_examples' first ones).
+PROMPTS = ["task : arm cat car", "task : city cake bird milk hand", "task : red apple beach"]
 
 
 def _zoo_options(*flags: str) -> ServeOptions:
@@ -137,7 +138,8 @@ def _zoo_expected(prompt: str, modules: dict[str, float] | None = None, max_toke
         model = load_adapter(model, str(ARTIFACTS / "modules" / next(iter(modules))))
     elif modules:
         names = sorted(modules)
-        Composition(model, load_bank([ARTIFACTS / "modules" / n for n in names])).set_weights([modules[n] for n in names])
+        bank = load_bank([ARTIFACTS / "modules" / n for n in names])
+        Composition(model, bank).set_weights([modules[n] for n in names])
     ids = tok(prompt, return_tensors="pt")
     with torch.no_grad():
         out = model.generate(**ids, max_new_tokens=max_tokens, do_sample=False, num_beams=1)
@@ -148,16 +150,17 @@ def test_zoo_served_over_http_equals_generation_in_process():
     app = build_app(_zoo_options("--zoo", "--api-key", KEY, "--device", "cpu"))
     with serving(app) as url:
         client = openai.OpenAI(base_url=url + "/v1", api_key=KEY, max_retries=0, timeout=60)
-        assert any(m.id == "animal-is" for m in client.models.list().data)
+        assert any(m.id == "animal-is-bare" for m in client.models.list().data)
         # Several prompts of different lengths in one request: one batch, each row as alone.
-        out = client.completions.create(model="animal-is", prompt=PROMPTS, max_tokens=8, temperature=0)
+        out = client.completions.create(model="animal-is-bare", prompt=PROMPTS, max_tokens=8, temperature=0)
         got = [c.text for c in sorted(out.choices, key=lambda c: c.index)]
-        assert got == [_zoo_expected(p, {"animal-is": 1.0}) for p in PROMPTS]
-        weights = {"animal-is": 0.7, "color-the": 0.6}
+        assert got == [_zoo_expected(p, {"animal-is-bare": 1.0}) for p in PROMPTS]
+        weights = {"animal-is-bare": 0.7, "color-the-bare": 0.6}
         composed = client.completions.create(model="base", prompt=PROMPTS[0], max_tokens=8, temperature=0,
                                              extra_body={"lorahub_weights": weights})  # fmt: skip
         assert composed.choices[0].text == _zoo_expected(PROMPTS[0], weights)
-        assert len({got[0], composed.choices[0].text, _zoo_expected(PROMPTS[0])}) > 1  # modules change outputs
+        assert got[:2] == ["it is cat", "it is bird"]  # the module's task (the base alone says "it is", "horse")
+        assert composed.choices[0].text not in (got[0], _zoo_expected(PROMPTS[0]))  # the composition is its own
         with pytest.raises(openai.BadRequestError) as e:
-            client.completions.create(model="animal-is", prompt=PROMPTS[0], max_tokens=4, echo=True)
+            client.completions.create(model="animal-is-bare", prompt=PROMPTS[0], max_tokens=4, echo=True)
         assert "echo" in str(e.value) and e.value.body["param"] == "echo"
