@@ -25,7 +25,10 @@ def tiny_bart(seed: int = 0) -> BartForConditionalGeneration:
         decoder_attention_heads=4, encoder_ffn_dim=64, decoder_ffn_dim=64, max_position_embeddings=64,
         pad_token_id=0, bos_token_id=2, eos_token_id=1, decoder_start_token_id=1, forced_eos_token_id=None,
     )  # fmt: skip
-    return BartForConditionalGeneration(cfg).eval()
+    model = BartForConditionalGeneration(cfg).eval()
+    with torch.no_grad():  # positions that matter: a row given another row's positions decodes other tokens
+        model.model.decoder.embed_positions.weight.normal_(0, 1.0)
+    return model
 
 
 class _Tok:
