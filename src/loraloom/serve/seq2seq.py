@@ -23,9 +23,10 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import nn
-from transformers import DynamicCache, EncoderDecoderCache
+from transformers import AutoConfig, DynamicCache, EncoderDecoderCache
 from transformers.modeling_outputs import BaseModelOutput
 
+from ..models import model_source
 from .engine import Engine, Request, start_sampler
 
 # Model types whose batched decoding equals decoding alone (the tests check T5 and BART token for token).
@@ -53,10 +54,6 @@ def make_engine(model: nn.Module, tokenizer: Any, **kwargs: Any) -> Engine:
 
 def served_task(base: str | os.PathLike) -> str:
     """The task ``load_base`` loads a served base for: "seq2seq" for an encoder-decoder, else "causal"."""
-    from transformers import AutoConfig
-
-    from ..models import model_source
-
     config = AutoConfig.from_pretrained(model_source(base))
     return "seq2seq" if getattr(config, "is_encoder_decoder", False) else "causal"
 
