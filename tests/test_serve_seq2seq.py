@@ -167,3 +167,36 @@ def test_zoo_served_over_http_equals_generation_in_process():
         with pytest.raises(openai.BadRequestError) as e:
             client.completions.create(model="animal-is-bare", prompt=PROMPTS[0], max_tokens=4, echo=True)
         assert "echo" in str(e.value) and e.value.body["param"] == "echo"
+
+
+# ---- the adapter cache: a hub id revalidated by its local snapshot ------------------------------------
+
+
+def test_a_hub_adapter_is_reloaded_when_a_newer_snapshot_is_downloaded(tmp_path, monkeypatch):
+    """A hub id's stamp is the snapshot its ref points at in the local hub cache (no request): a new download
+    (refs/main moved to another commit) is loaded on the next use, the same snapshot is not read again."""
+    import shutil
+
+    import huggingface_hub.constants as hf
+
+    model = tiny_t5()
+    make_modules(model, tmp_path / "made", 2, r=4, targets=["q", "v"], seed=1, scale=0.5)
+    repo = tmp_path / "hub" / "models--someone--adapter"
+    monkeypatch.setattr(hf, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setattr(hf, "HF_HUB_OFFLINE", True)  # never a request: the local snapshot or nothing
+
+    def download(module: str, commit: str) -> None:
+        shutil.copytree(tmp_path / "made" / module, repo / "snapshots" / commit)
+        (repo / "refs").mkdir(parents=True, exist_ok=True)
+        (repo / "refs" / "main").write_text(commit)
+
+    download("m00", "a" * 40)
+    cache = AdapterCache(None)
+    cache.add("h", "someone/adapter", load=False)
+    first = cache.get("h")
+    assert cache.get("h") is first and cache.loads == 1
+    download("m01", "b" * 40)
+    second = cache.get("h")
+    assert second is not first and cache.loads == 2
+    layer = next(iter(first.layers))
+    assert not torch.equal(first.layers[layer].A, second.layers[layer].A)
