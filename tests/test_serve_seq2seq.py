@@ -110,6 +110,7 @@ openai = pytest.importorskip("openai")
 pytest.importorskip("uvicorn")
 from loopback import serving  # noqa: E402
 
+from loraloom import cli  # noqa: E402
 from loraloom.cli import build_parser, options_of  # noqa: E402
 from loraloom.models import load_base  # noqa: E402
 from loraloom.serve.app import build_app  # noqa: E402
@@ -125,13 +126,16 @@ def _zoo_options(*flags: str) -> ServeOptions:
     return options_of(ServeOptions, build_parser().parse_args(["serve", *flags]), named={})
 
 
-def test_zoo_flag_sets_base_and_adapters_and_a_model_is_required():
+def test_zoo_flag_sets_base_and_adapters_and_a_model_is_required(capsys):
     options = _zoo_options("--zoo", "--api-key", KEY)
     assert options.base == str(ARTIFACTS / "base") and options.adapters == str(ARTIFACTS / "modules")
     with pytest.raises(ValueError, match="--base FOLDER_OR_HUB_ID, or --zoo"):
         _zoo_options()
     with pytest.raises(ValueError, match="drop --base"):
         _zoo_options("--zoo", "--base", str(ARTIFACTS / "base"))
+    assert cli.main(["serve"]) == 2
+    err = capsys.readouterr().err
+    assert "--base FOLDER_OR_HUB_ID, or --zoo" in err and len(err.splitlines()) == 1
 
 
 def _zoo_expected(prompt: str, modules: dict[str, float] | None = None, max_tokens: int = 8) -> str:
@@ -164,6 +168,9 @@ def test_zoo_served_over_http_equals_generation_in_process():
         assert composed.choices[0].text == _zoo_expected(PROMPTS[0], weights)
         assert got[:2] == ["it is cat", "it is bird"]  # the module's task (the base alone says "it is", "horse")
         assert composed.choices[0].text not in (got[0], _zoo_expected(PROMPTS[0]))  # the composition is its own
+        stream = client.completions.create(model="animal-is-bare", prompt=PROMPTS[1], max_tokens=8, temperature=0,
+                                           stream=True)  # fmt: skip
+        assert "".join(piece.choices[0].text for piece in stream) == got[1]
         with pytest.raises(openai.BadRequestError) as e:
             client.completions.create(model="animal-is-bare", prompt=PROMPTS[0], max_tokens=4, echo=True)
         assert "echo" in str(e.value) and e.value.body["param"] == "echo"
