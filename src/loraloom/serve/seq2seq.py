@@ -18,6 +18,7 @@ Other encoder-decoders (sinusoidal or otherwise absolute positions, e.g. Marian,
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -88,7 +89,7 @@ class Seq2SeqEngine(Engine):
                 f"has {prompt_len} tokens and max_tokens is {max_tokens}"
             )
 
-    def fail_all(self, message: str, requests: Any = ()) -> list[Request]:
+    def fail_all(self, message: str, requests: Sequence[Request] = ()) -> list[Request]:
         self.encoder_out, self.encoder_mask, self.cross = None, None, None
         return super().fail_all(message, requests)
 
