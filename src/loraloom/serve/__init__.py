@@ -9,6 +9,7 @@ from .cache import BASE, AdapterCache, UnknownAdapter
 from .engine import Engine, Request, SamplingParams
 from .multi import AdapterWeights, LoraWeights, MultiLora, MultiLoraLayer, UnservableAdapter
 from .scheduler import Scheduler
+from .seq2seq import Seq2SeqEngine, make_engine
 
 __all__ = [
     "BASE",
@@ -21,6 +22,8 @@ __all__ = [
     "Request",
     "SamplingParams",
     "Scheduler",
+    "Seq2SeqEngine",
     "UnknownAdapter",
     "UnservableAdapter",
+    "make_engine",
 ]

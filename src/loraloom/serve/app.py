@@ -56,6 +56,7 @@ from .protocol import (
 )
 from .responses import Choice, Job, Renderer
 from .scheduler import Scheduler
+from .seq2seq import make_engine, served_task
 
 log = logging.getLogger("loraloom.serve")
 
@@ -228,6 +229,9 @@ class _Service:
         With a seed, row j of a prompt samples with seed + j: distinct rows, the same on every call."""
         self.scheduler.start()  # idempotent: for hosts that skip the lifespan events
         body.refuse_unsupported()
+        if self.engine.seq2seq and getattr(body, "echo", False):
+            raise APIError(400, "echo: this is a seq2seq model; the prompt is the encoder's input, not output text",
+                           param="echo")  # fmt: skip
         if len(prompts) * body.n > MAX_ROWS:
             raise APIError(400, f"prompts x n is {len(prompts) * body.n}, over {MAX_ROWS} rows a request", param="n")
         params = [self.sampling(body, ids, default_max_tokens) for ids in prompts]
@@ -486,7 +490,7 @@ def build_app(options: ServeOptions) -> FastAPI:
     for name, source in options.named.items():
         cache.add(name, source, load=False)
     model, tokenizer = load_base(
-        options.base, "causal", device=options.device, dtype=options.dtype, quantize=options.quantize
+        options.base, served_task(options.base), device=options.device, dtype=options.dtype, quantize=options.quantize
     )
     roots = tuple(str(r) for r in ([options.adapters] if options.adapters else []) + list(options.allow_path))
     access = Access(
@@ -496,8 +500,8 @@ def build_app(options: ServeOptions) -> FastAPI:
         hub=options.allow_hub,
         max_body_bytes=int(options.max_body_mib * 2**20),
     )
-    engine = Engine(model, tokenizer, max_batch=options.max_batch, max_loras=options.max_loras,
-                    max_lora_rank=options.max_lora_rank)  # fmt: skip
+    engine = make_engine(model, tokenizer, max_batch=options.max_batch, max_loras=options.max_loras,
+                         max_lora_rank=options.max_lora_rank)  # fmt: skip
     return create_app(engine, cache, access)
 
 

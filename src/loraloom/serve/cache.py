@@ -57,13 +57,18 @@ def check_adapter_name(name: str) -> None:
         raise ValueError(f"adapter name {name!r} is reserved or empty")
 
 
+HUB = "hub"  # a stamp ("hub", snapshot folder): a hub id, revalidated by the local snapshot it resolves to
+
+
 def folder_stamp(source: str) -> tuple | None:
-    """(mtime_ns, size) of a folder's config and weights files (None for a missing one); None for a hub id,
-    whose download does not change under the server. The inode change time too: a copy that kept the old
-    files' mtimes (``cp -p``, ``shutil.copytree``) and their sizes is still a new file."""
+    """(mtime_ns, size) of a folder's config and weights files (None for a missing one). The inode change time
+    too: a copy that kept the old files' mtimes (``cp -p``, ``shutil.copytree``) and their sizes is still a new file.
+
+    A hub id: ("hub", the local snapshot folder its config resolves to), read from the local hub cache without
+    a request, so a newer download (another revision) is seen; None when it is not downloaded."""
     folder = Path(source)
     if not folder.is_dir():
-        return None
+        return _hub_stamp(source)
     stamp = []
     for file in (CONFIG_NAME, WEIGHTS_NAME, LEGACY_WEIGHTS_NAME):
         try:
@@ -72,6 +77,16 @@ def folder_stamp(source: str) -> tuple | None:
         except OSError:
             stamp.append(None)
     return tuple(stamp)
+
+
+def _hub_stamp(source: str) -> tuple | None:
+    from huggingface_hub import try_to_load_from_cache
+
+    try:
+        cached = try_to_load_from_cache(source, CONFIG_NAME)
+    except ValueError:  # not a valid hub id (huggingface_hub's HFValidationError is a ValueError)
+        return None
+    return (HUB, str(Path(cached).parent)) if isinstance(cached, str) else None
 
 
 class _Entry(NamedTuple):
@@ -223,7 +238,10 @@ class AdapterCache:
                 if hit.stamp == stamp:
                     self._lru.move_to_end(key)
                     return hit.value
-                gone = [n for n, old, new in zip(names, hit.stamp, stamp, strict=True) if old and new is None]
+                gone = [
+                    n for n, old, new in zip(names, hit.stamp, stamp, strict=True)
+                    if old and old[0] != HUB and new is None
+                ]  # fmt: skip
                 if gone:  # read from a folder that is no longer there (a relative path, which is no hub id either)
                     self._drop(gone[0])
                     raise UnknownAdapter(f"adapter {gone[0]!r} not found: its folder was deleted")

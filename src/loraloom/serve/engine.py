@@ -171,6 +171,8 @@ def lora_rank(adapter: LoraWeights) -> int:
 class Engine:
     """The model, its multi-adapter layers and the running batch (call from one thread at a time)."""
 
+    seq2seq = False  # Seq2SeqEngine serves encoder-decoders; make_engine picks the class from the config
+
     def __init__(
         self,
         model: nn.Module,
@@ -180,8 +182,9 @@ class Engine:
         max_loras: int | None = None,
         max_lora_rank: int | None = None,
     ) -> None:
-        if getattr(model.config, "is_encoder_decoder", False):
-            raise ValueError("serving runs causal LMs (decoder-only); got an encoder-decoder model")
+        if getattr(model.config, "is_encoder_decoder", False) != self.seq2seq:
+            got = "a causal LM" if self.seq2seq else "an encoder-decoder"
+            raise ValueError(f"{type(self).__name__} cannot serve {got}; make_engine picks the engine for a model")
         check_max_batch(max_batch, max_loras, max_lora_rank)
         self.model = model.eval()
         self.tokenizer = tokenizer
@@ -265,12 +268,7 @@ class Engine:
         for i, r in enumerate(new):  # left padding: the last column is every row's last prompt token
             ids[i, width - len(r.prompt_ids) :] = torch.tensor(r.prompt_ids)
             mask[i, width - len(r.prompt_ids) :] = 1
-            if r.params.temperature > 0:  # each request its own sampler: no seed, a fresh random one
-                r.generator = torch.Generator()
-                if r.params.seed is not None:
-                    r.generator.manual_seed(r.params.seed)
-                else:
-                    r.generator.seed()
+            start_sampler(r)
         ids, mask = ids.to(self.device), mask.to(self.device)
         self.multi.set_rows([r.adapter for r in new])
         cache = DynamicCache(config=self.model.config)
@@ -403,6 +401,16 @@ class Engine:
             self.step(new)
         self._drop_finished()
         return list(requests)
+
+
+def start_sampler(r: Request) -> None:
+    """Each sampling request its own generator: seeded by its seed, else a fresh random one."""
+    if r.params.temperature > 0:
+        r.generator = torch.Generator()
+        if r.params.seed is not None:
+            r.generator.manual_seed(r.params.seed)
+        else:
+            r.generator.seed()
 
 
 def _tensors(cache: DynamicCache) -> list[tuple[torch.Tensor, torch.Tensor]]:

@@ -51,8 +51,10 @@ def named_adapters(items: list[str]) -> dict[str, str]:
 class ServeOptions:
     """What ``loraloom serve`` takes, checked before the model loads."""
 
-    base: str = flag("base causal LM: a local folder or a hub id", required=True)
+    base: str | None = flag("base model (a causal LM, T5 or BART): a local folder or a hub id", default=None)
     adapters: str | None = flag("folder of adapter folders (a request's model names one)", default=None, metavar="DIR")
+    zoo: bool = flag("serve the built-in demo world: its tiny T5 base and its LoRA modules (no --base, no --adapters)",
+                     default=False)  # fmt: skip
     named: dict[str, str] = field(
         default_factory=dict,
         metadata={"cli": [  # more adapters by name -> folder or hub id, loaded on first use like the folder's
@@ -94,6 +96,15 @@ class ServeOptions:
     max_body_mib: float = flag("larger request bodies are refused (413)", default=8.0)
 
     def __post_init__(self) -> None:
+        if self.zoo:
+            from ..zoo.build import ARTIFACTS  # here, not at the top: the CLI builds its parser without the zoo
+
+            given = [f"--{name}" for name in ("base", "adapters") if getattr(self, name) is not None]
+            if given:
+                raise ValueError(f"--zoo serves the zoo's base and modules: drop {' and '.join(given)}")
+            self.base, self.adapters = str(ARTIFACTS / "base"), str(ARTIFACTS / "modules")
+        if not self.base:
+            raise ValueError("loraloom serve needs a model: --base FOLDER_OR_HUB_ID, or --zoo for the demo world")
         # Each component's own check, run here before the model loads.
         check_cache_options(self.adapters, self.cache_mib)
         check_max_batch(self.max_batch, self.max_loras, self.max_lora_rank)
