@@ -111,6 +111,10 @@ class Request:
     id: int = field(default_factory=lambda: next(_ids))
     output_ids: list[int] = field(default_factory=list)
     text: str = ""  # the decoded output, cut before a stop string
+    # Incremental detokenization (``add_text``): ``output_ids[prefix_at:read_at]`` are decoded already and give
+    # the next token its context; ids after ``read_at`` are not yet in ``text`` (half of a multi-byte character).
+    prefix_at: int = 0
+    read_at: int = 0
     sent: int = 0  # characters of ``text`` already handed out by ``take_text``
     finish_reason: str | None = None  # "stop", "length", "cancelled" or "error"
     error: str | None = None
@@ -125,6 +129,22 @@ class Request:
     @property
     def finished(self) -> bool:
         return self.finish_reason is not None
+
+    def add_text(self, tokenizer: Any) -> str:
+        """Decode the ids made since the last call onto ``text``; returns the new text ("" while the ids end in
+        half of a multi-byte character, unless the request has finished: then what is left goes out as is).
+
+        Decodes a few ids each call, not the whole output: the ids after ``prefix_at`` give the tokenizer its
+        context (a word's leading space, a WordPiece continuation), and the text before ``read_at`` is cut off."""
+        window = self.output_ids[self.prefix_at :]
+        seen = tokenizer.decode(window[: self.read_at - self.prefix_at], skip_special_tokens=True)
+        full = tokenizer.decode(window, skip_special_tokens=True)
+        new = full[len(seen) :] if full.startswith(seen) else full  # a tokenizer whose text is not a prefix: restart
+        if not new or (new.endswith("\ufffd") and not self.finished):
+            return ""  # no text yet (a skipped special token) or a character still incomplete: keep the context
+        self.text += new
+        self.prefix_at, self.read_at = self.read_at, len(self.output_ids)
+        return new
 
     def take_text(self) -> str:
         """The text made since the last call (held back while it might still turn into a stop string)."""
@@ -230,6 +250,10 @@ class Engine:
         if self.max_lora_rank is not None and rank > self.max_lora_rank:
             raise ValueError(f"adapter {adapter.name!r} has rank {rank}, over --max-lora-rank {self.max_lora_rank}")
 
+    def occupied(self) -> int:
+        """Rows that stay in the batch at the next step (finished and cancelled ones leave it first)."""
+        return sum(not (r.finished or r.cancelled) for r in self.rows)
+
     # ---- one token boundary ------------------------------------------------------------------
 
     @torch.no_grad()
@@ -320,6 +344,7 @@ class Engine:
         A row whose logits are not finite (an adapter that overflows, say) fails alone: the others go on."""
         tokens = logits.argmax(dim=-1)  # the plain greedy rows' tokens, exactly as before
         finite = torch.isfinite(logits).all(dim=-1).tolist()
+        chosen = tokens.tolist()  # one copy to Python ints per step, not one tensor index per row
         for i, r in enumerate(requests):
             if r.finished:
                 continue
@@ -330,8 +355,9 @@ class Engine:
             params = r.params
             if params.temperature > 0 or params.adjusts:
                 row = _adjusted(logits[i], params, r.output_ids)
-                tokens[i] = _sample_row(row, params, r.generator) if params.temperature > 0 else row.argmax()
-            token = int(tokens[i])
+                chosen[i] = _sample_row(row, params, r.generator) if params.temperature > 0 else int(row.argmax())
+                tokens[i] = chosen[i]
+            token = chosen[i]
             logprob = _token_logprob(logits[i], token, params.logprobs) if params.logprobs is not None else None
             self._record(r, token, logprob)
         return tokens
@@ -342,17 +368,21 @@ class Engine:
             return
         if token in self.eos_ids:
             r.finish_reason = "stop"
+            r.add_text(self.tokenizer)  # a last incomplete character, if any, goes out as is
             return
         self.generated_tokens += 1
         r.output_ids.append(token)
         if logprob is not None:
             r.logprobs.append(logprob)
-        r.text = self.tokenizer.decode(r.output_ids, skip_special_tokens=True)
-        hits = [i for i in (r.text.find(s, max(r.sent - len(s), 0)) for s in r.params.stop) if i >= 0]
+        before = len(r.text)
+        if len(r.output_ids) >= r.params.max_tokens:
+            r.finish_reason = "length"  # set first: add_text then flushes a last incomplete character as is
+        if not r.add_text(self.tokenizer):
+            return
+        # A stop string can only end in the new text: search from where one could have started.
+        hits = [i for i in (r.text.find(s, max(before - len(s) + 1, 0)) for s in r.params.stop) if i >= 0]
         if hits:
             r.text, r.finish_reason = r.text[: min(hits)], "stop"
-        elif len(r.output_ids) >= r.params.max_tokens:
-            r.finish_reason = "length"
 
     # ---- the batch's KV cache ----------------------------------------------------------------
 
@@ -398,7 +428,7 @@ class Engine:
         """Run ``requests`` to the end, all admitted together (up to ``max_batch`` at a time)."""
         waiting = list(requests)
         while waiting or self.rows:
-            room = self.max_batch - len([r for r in self.rows if not r.finished])
+            room = self.max_batch - self.occupied()
             new, waiting = waiting[:room], waiting[room:]
             self.step(new)
         self._drop_finished()
