@@ -325,7 +325,7 @@ class _Service:
 
         def event(choices: list[dict], usage: dict | None = None) -> bytes:
             tail = f', "usage": {json.dumps(usage)}' if usage is not None else usage_null
-            return f"data: {head}, \"choices\": {json.dumps(choices)}{tail}}}\n\n".encode()
+            return f'data: {head}, "choices": {json.dumps(choices)}{tail}}}\n\n'.encode()
 
         try:
             if chat:

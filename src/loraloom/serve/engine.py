@@ -111,7 +111,7 @@ class Request:
     id: int = field(default_factory=lambda: next(_ids))
     output_ids: list[int] = field(default_factory=list)
     text: str = ""  # the decoded output, cut before a stop string
-    # Incremental detokenization (``add_text``): ``output_ids[prefix_at:read_at]`` are decoded already and give
+    # Incremental detokenization (``new_text``): ``output_ids[prefix_at:read_at]`` are decoded already and give
     # the next token its context; ids after ``read_at`` are not yet in ``text`` (half of a multi-byte character).
     prefix_at: int = 0
     read_at: int = 0
@@ -130,9 +130,9 @@ class Request:
     def finished(self) -> bool:
         return self.finish_reason is not None
 
-    def add_text(self, tokenizer: Any) -> str:
-        """Decode the ids made since the last call onto ``text``; returns the new text ("" while the ids end in
-        half of a multi-byte character, unless the request has finished: then what is left goes out as is).
+    def new_text(self, tokenizer: Any, final: bool = False) -> str:
+        """The text of the ids made since the last call (the caller adds it to ``text``): "" while they end in
+        half of a multi-byte character, unless ``final`` (the last token: what is left goes out as is).
 
         Decodes a few ids each call, not the whole output: the ids after ``prefix_at`` give the tokenizer its
         context (a word's leading space, a WordPiece continuation), and the text before ``read_at`` is cut off."""
@@ -140,9 +140,8 @@ class Request:
         seen = tokenizer.decode(window[: self.read_at - self.prefix_at], skip_special_tokens=True)
         full = tokenizer.decode(window, skip_special_tokens=True)
         new = full[len(seen) :] if full.startswith(seen) else full  # a tokenizer whose text is not a prefix: restart
-        if not new or (new.endswith("\ufffd") and not self.finished):
+        if not new or (new.endswith("\ufffd") and not final):
             return ""  # no text yet (a skipped special token) or a character still incomplete: keep the context
-        self.text += new
         self.prefix_at, self.read_at = self.read_at, len(self.output_ids)
         return new
 
@@ -363,26 +362,30 @@ class Engine:
         return tokens
 
     def _record(self, r: Request, token: int, logprob: TokenLogprob | None = None) -> None:
+        # The event loop reads ``text`` and ``finish_reason`` while the next step runs: each is assigned once,
+        # the text first, so a reader never sees a stop string's start before the text is cut.
         if r.cancelled:
             r.finish_reason = "cancelled"
             return
         if token in self.eos_ids:
+            r.text += r.new_text(self.tokenizer, final=True)  # a last incomplete character, if any, as is
             r.finish_reason = "stop"
-            r.add_text(self.tokenizer)  # a last incomplete character, if any, goes out as is
             return
         self.generated_tokens += 1
         r.output_ids.append(token)
         if logprob is not None:
             r.logprobs.append(logprob)
-        before = len(r.text)
-        if len(r.output_ids) >= r.params.max_tokens:
-            r.finish_reason = "length"  # set first: add_text then flushes a last incomplete character as is
-        if not r.add_text(self.tokenizer):
-            return
+        length = len(r.output_ids) >= r.params.max_tokens
+        new = r.new_text(self.tokenizer, final=length)
+        text = r.text + new
         # A stop string can only end in the new text: search from where one could have started.
-        hits = [i for i in (r.text.find(s, max(before - len(s) + 1, 0)) for s in r.params.stop) if i >= 0]
+        hits = [i for i in (text.find(s, max(len(r.text) - len(s) + 1, 0)) for s in r.params.stop) if new and i >= 0]
         if hits:
-            r.text, r.finish_reason = r.text[: min(hits)], "stop"
+            r.text, r.finish_reason = text[: min(hits)], "stop"
+            return
+        r.text = text
+        if length:
+            r.finish_reason = "length"
 
     # ---- the batch's KV cache ----------------------------------------------------------------
 
