@@ -29,6 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from transformers import DynamicCache
+from transformers.cache_utils import DynamicLayer
 
 from .multi import LoraWeights, MultiLora
 
@@ -396,14 +397,9 @@ class Engine:
             return
         width = max(self.mask.shape[1], mask.shape[1])
         old_kv, new_kv = _tensors(self.cache), _tensors(cache)
-        merged = [
-            (
-                torch.cat([_pad_left(ko, width), _pad_left(kn, width)]),
-                torch.cat([_pad_left(vo, width), _pad_left(vn, width)]),
-            )
-            for (ko, vo), (kn, vn) in zip(old_kv, new_kv, strict=True)
-        ]
-        self.cache = DynamicCache(ddp_cache_data=merged, config=self.model.config)
+        merged = [(_stack_left(ko, kn, width), _stack_left(vo, vn, width))
+                  for (ko, vo), (kn, vn) in zip(old_kv, new_kv, strict=True)]  # fmt: skip
+        self.cache = _cache_of(merged, self.model.config)
         self.mask = torch.cat([_pad_left(self.mask, width, dim=1), _pad_left(mask, width, dim=1)])
         self.next_tokens = torch.cat([self.next_tokens, tokens])
         self.rows = self.rows + rows
@@ -442,12 +438,35 @@ def _tensors(cache: DynamicCache) -> list[tuple[torch.Tensor, torch.Tensor]]:
     return [(layer.keys, layer.values) for layer in cache.layers]
 
 
+def _cache_of(data: list[tuple[torch.Tensor, torch.Tensor]], config: Any) -> DynamicCache:
+    """A DynamicCache holding ``data`` (keys, values per layer) as they are.
+
+    ``DynamicCache(ddp_cache_data=...)`` concatenates each layer's tensors onto empty ones: a copy of the whole
+    cache every time rows join or leave. Plain layers take the tensors as they are; other kinds (sliding window,
+    with state of their own) are filled through ``update`` as before."""
+    cache = DynamicCache(config=config)
+    if len(cache.layers) != len(data) or any(type(layer) is not DynamicLayer for layer in cache.layers):
+        return DynamicCache(ddp_cache_data=data, config=config)
+    for layer, (k, v) in zip(cache.layers, data, strict=True):
+        layer.lazy_initialization(k, v)
+        layer.keys, layer.values = k, v
+    return cache
+
+
 def _select(cache: DynamicCache, rows: list[int], config: Any, start: int = 0) -> DynamicCache:
     index = torch.tensor(rows, device=cache.layers[0].keys.device)
     data = [
-        (k.index_select(0, index)[:, :, start:], v.index_select(0, index)[:, :, start:]) for k, v in _tensors(cache)
+        (k[:, :, start:].index_select(0, index), v[:, :, start:].index_select(0, index)) for k, v in _tensors(cache)
     ]
-    return DynamicCache(ddp_cache_data=data, config=config)
+    return _cache_of(data, config)
+
+
+def _stack_left(old: torch.Tensor, new: torch.Tensor, width: int) -> torch.Tensor:
+    """``old``'s rows then ``new``'s, each left-padded with zeros to ``width`` columns (dim 2): one copy."""
+    out = old.new_zeros((old.shape[0] + new.shape[0], *old.shape[1:2], width, *old.shape[3:]))
+    out[: old.shape[0], :, width - old.shape[2] :] = old
+    out[old.shape[0] :, :, width - new.shape[2] :] = new
+    return out
 
 
 def _pad_left(t: torch.Tensor, width: int, dim: int = 2) -> torch.Tensor:
