@@ -16,11 +16,23 @@ concurrent clients on loopback, each client sending its share of the same reques
 tokens, adapters round robin): completion tokens/s and p50/p99 request latency. One client is serving
 the requests one at a time; target: >= 4x its throughput at 16 clients.
 
+(c) Streams: N concurrent streaming clients (N = 32 and 64; httpx, SSE, on loopback) against one server
+(--max-batch 64), each client sending its next request as soon as its last one ended (3 each; 16-47 new
+tokens, so rows finish at different steps and new requests join a running batch), vs the same requests run
+by ``Engine.generate`` in this process with max_batch N. Reports tokens/s of both, HTTP/engine, and the
+time to each request's first streamed text (p50/p99). Targets: HTTP >= 0.8x the engine; 64 streams >= 32.
+
+(d) One mixed batch of 32 rows (8 adapters + base) decoded to 32 new tokens, greedy: loraloom's
+``Engine.generate`` vs PEFT's ``generate(adapter_names=...)`` and the plain base ``generate`` (tokens before
+eos, per second); also counts the rows whose tokens equal PEFT's.
+
 Peers run interleaved in rotated order every round (``common.interleave``); a ratio is the median over
 rounds of per-round ratios. (a) is timed in CPU time of this single-threaded process (wall time beside it),
-which a shared machine's load barely moves; (b) can only be wall time. Read the ratios, not the absolute times.
+which a shared machine's load barely moves; (b)-(d) can only be wall time. Read the ratios, not the absolute
+times. The server subprocess and this process (the clients) share the machine's cores.
 
-    .venv/bin/python benchmarks/serving.py [--quick] [--rounds N] [--threads N] [--only forward|server]
+    .venv/bin/python benchmarks/serving.py [--quick] [--rounds N] [--threads N]
+        [--only forward server streams generate] [--streams 32 64] [--per-stream 3] [--new-tokens 32]
 """
 
 from __future__ import annotations
@@ -431,6 +443,17 @@ def new_tokens(out: torch.Tensor, width: int, eos: int) -> int:
     return int((~done).sum())
 
 
+def same_tokens(engine: Engine, cache: AdapterCache, jobs: list[dict], hf_ids: torch.Tensor) -> int:
+    """Rows whose greedy tokens (up to eos) from loraloom's engine equal PEFT's generate's."""
+    done = engine.generate(engine_requests(engine, cache, jobs))
+    eos = engine.eos_ids
+    same = 0
+    for r, row in zip(done, hf_ids.tolist(), strict=True):
+        theirs = row[: next((i for i, t in enumerate(row) if t in eos), len(row))]
+        same += r.output_ids == theirs
+    return same
+
+
 def bench_generate(args: argparse.Namespace) -> list[str]:
     rows = args.streams[0]
     with tempfile.TemporaryDirectory() as tmp:
@@ -461,16 +484,20 @@ def bench_generate(args: argparse.Namespace) -> list[str]:
                  "base": lambda: hf(base)}  # fmt: skip
         for peer in peers.values():
             peer()  # warm-up
+        same = same_tokens(engine, cache, jobs, hf_ids=tuned.generate(**batch, max_new_tokens=args.new_tokens,
+                           do_sample=False, pad_token_id=tokenizer.pad_token_id, adapter_names=names)[:, width:])  # fmt: skip
         results = interleave(peers, args.rounds, desc="generate")
     rate = {k: median([t / w for w, t in v]) for k, v in results.items()}
     vs = {k: median([(tl / wl) / (t / w) for (wl, tl), (w, t) in zip(results["loraloom"], v, strict=True)])
           for k, v in results.items()}  # fmt: skip
-    print(f"generate: one batch of {rows} rows (8 adapters + base, mixed), {args.new_tokens} new tokens, greedy")
+    print(f"generate: one batch of {rows} rows (8 adapters + base, mixed), {args.new_tokens} new tokens, greedy; "
+          f"rows whose tokens equal PEFT's: {same}/{rows}")  # fmt: skip
     print(f"{'peer':>9} {'tokens/s':>9} {'loraloom/peer':>13}")
     for k in results:
         print(f"{k:>9} {rate[k]:9.1f} {vs[k]:12.2f}x")
     return [f"generate {rows} mixed rows: loraloom {rate['loraloom']:.0f} tokens/s, peft {rate['peft']:.0f}, "
-            f"base {rate['base']:.0f}; loraloom/peft {vs['peft']:.2f}x, loraloom/base {vs['base']:.2f}x"]  # fmt: skip
+            f"base {rate['base']:.0f}; loraloom/peft {vs['peft']:.2f}x, loraloom/base {vs['base']:.2f}x; "
+            f"{same}/{rows} rows equal to PEFT's tokens"]  # fmt: skip
 
 
 def main() -> None:
@@ -479,7 +506,8 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3, help="default: %(default)s")
     parser.add_argument("--steps", type=int, default=20, help="timed decode calls per peer and round")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (default: %(default)s)")
-    parser.add_argument("--only", choices=["forward", "server", "streams", "generate"])
+    parser.add_argument("--only", nargs="+", choices=["forward", "server", "streams", "generate"],
+                        help="run only these parts (default: all)")  # fmt: skip
     parser.add_argument("--hidden", type=int, default=512)
     parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or mps (default: %(default)s)")
     parser.add_argument("--layers", type=int, default=4)
@@ -500,13 +528,13 @@ def main() -> None:
     warnings.filterwarnings("ignore", category=FutureWarning)  # past_key_values is PEFT's spelling; same for all
     transformers.logging.set_verbosity_error()
     lines = []
-    if args.only in (None, "forward"):
+    if args.only is None or "forward" in args.only:
         lines += bench_forward(args)
-    if args.only in (None, "server"):
+    if args.only is None or "server" in args.only:
         lines += bench_server(args)
-    if args.only in (None, "streams"):
+    if args.only is None or "streams" in args.only:
         lines += bench_streams(args)
-    if args.only in (None, "generate"):
+    if args.only is None or "generate" in args.only:
         lines += bench_generate(args)
     for line in lines:
         print("RESULT " + line)
