@@ -383,6 +383,21 @@ def run_engine(engine: Engine, cache: AdapterCache, jobs: list[dict], max_batch:
     return time.perf_counter() - start, sum(len(r.output_ids) for r in done)
 
 
+def process_cpu(pid: int | None = None) -> float:
+    """CPU seconds (user + system, every thread) of this process or of process ``pid`` (Linux' /proc)."""
+    if pid is None:
+        return time.process_time()
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def with_cpu(fn, pid: int | None = None) -> tuple:
+    """``fn()``'s result tuple with the CPU seconds it took (this process's, or process ``pid``'s) appended."""
+    start = process_cpu(pid)
+    out = fn()
+    return (*out, process_cpu(pid) - start)
+
+
 def bench_streams(args: argparse.Namespace) -> list[str]:
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
@@ -399,9 +414,9 @@ def bench_streams(args: argparse.Namespace) -> list[str]:
             asyncio.run(run_streams(url, make_jobs(words, 9, (4, 5), seed=4), 9))  # warm-up: loads the adapters
             run_engine(engine, cache, make_jobs(words, 9, (4, 5), seed=4), 9)
             peers = {}
-            for n in args.streams:
-                peers[f"engine {n}"] = lambda n=n: run_engine(engine, cache, jobs[n], n)
-                peers[f"http {n}"] = lambda n=n: asyncio.run(run_streams(url, jobs[n], n))
+            for n in args.streams:  # each with the CPU seconds it took: this process's, or the server's
+                peers[f"engine {n}"] = lambda n=n: with_cpu(lambda: run_engine(engine, cache, jobs[n], n))
+                peers[f"http {n}"] = lambda n=n: with_cpu(lambda: asyncio.run(run_streams(url, jobs[n], n)), server.pid)
             results = interleave(peers, args.rounds, desc="streams")
         finally:
             server.terminate()
@@ -413,19 +428,23 @@ def report_streams(args: argparse.Namespace, results: dict[str, list]) -> list[s
     print(f"streams: each of N clients streams {args.per_stream} requests in turn (greedy, "
           f"{args.new_tokens // 2}-{args.new_tokens * 3 // 2 - 1} new tokens, 8 adapters + base); server --max-batch "
           f"{max(args.streams)}; the engine in this process runs the same requests with max_batch N")  # fmt: skip
-    print(f"{'streams':>8} {'engine tok/s':>12} {'http tok/s':>10} {'http/engine':>11} {'first p50 s':>11} "
-          f"{'first p99 s':>11}")  # fmt: skip
+    print("(cpu: tokens per CPU second of the server process vs of this process running the engine; the load of a "
+          "shared machine barely moves it)")  # fmt: skip
+    print(f"{'streams':>8} {'engine tok/s':>12} {'http tok/s':>10} {'http/engine':>11} {'cpu http/engine':>15} "
+          f"{'first p50 s':>11} {'first p99 s':>11}")  # fmt: skip
     lines, rate = [], {}
     for n in args.streams:
         engine, http = results[f"engine {n}"], results[f"http {n}"]
-        rate[n] = [t / w for w, t, _ in http]
-        ratio = median([(th / wh) / (te / we) for (wh, th, _), (we, te) in zip(http, engine, strict=True)])
-        first = [x for _, _, fs in http for x in fs]
+        rate[n] = [t / w for w, t, _, _ in http]
+        pairs = list(zip(http, engine, strict=True))
+        ratio = median([(th / wh) / (te / we) for (wh, th, _, _), (we, te, _) in pairs])
+        cpu = median([(th / ch) / (te / ce) for (_, th, _, ch), (_, te, ce) in pairs])
+        first = [x for _, _, fs, _ in http for x in fs]
         p50, p99 = percentile(first, 50), percentile(first, 99)
-        e_rate, h_rate = median([t / w for w, t in engine]), median(rate[n])
-        print(f"{n:>8} {e_rate:12.1f} {h_rate:10.1f} {ratio:10.2f}x {p50:11.3f} {p99:11.3f}")
+        e_rate, h_rate = median([t / w for w, t, _ in engine]), median(rate[n])
+        print(f"{n:>8} {e_rate:12.1f} {h_rate:10.1f} {ratio:10.2f}x {cpu:14.2f}x {p50:11.3f} {p99:11.3f}")
         lines.append(f"streams {n}: http {h_rate:.0f} tokens/s, engine {e_rate:.0f} tokens/s, http/engine {ratio:.2f}x "
-                     f"(target >= 0.8); first token p50 {p50:.3f}s p99 {p99:.3f}s")  # fmt: skip
+                     f"(target >= 0.8), per CPU second {cpu:.2f}x; first token p50 {p50:.3f}s p99 {p99:.3f}s")  # fmt: skip
     lo, hi = args.streams[0], args.streams[-1]
     scale = median([b / a for a, b in zip(rate[lo], rate[hi], strict=True)])
     print(f"http tokens/s, {hi} streams / {lo} streams: {scale:.2f}x")
