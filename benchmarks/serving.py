@@ -409,7 +409,7 @@ def bench_streams(args: argparse.Namespace) -> list[str]:
             n: make_jobs(words, n * args.per_stream, (args.new_tokens // 2, args.new_tokens * 3 // 2))
             for n in args.streams
         }
-        server, url = start_server(root, args, max_batch=max(args.streams))
+        server, url = start_server(root, args, max_batch=args.max_batch or max(args.streams))
         try:
             asyncio.run(run_streams(url, make_jobs(words, 9, (4, 5), seed=4), 9))  # warm-up: loads the adapters
             run_engine(engine, cache, make_jobs(words, 9, (4, 5), seed=4), 9)
@@ -427,7 +427,7 @@ def bench_streams(args: argparse.Namespace) -> list[str]:
 def report_streams(args: argparse.Namespace, results: dict[str, list]) -> list[str]:
     print(f"streams: each of N clients streams {args.per_stream} requests in turn (greedy, "
           f"{args.new_tokens // 2}-{args.new_tokens * 3 // 2 - 1} new tokens, 8 adapters + base); server --max-batch "
-          f"{max(args.streams)}; the engine in this process runs the same requests with max_batch N")  # fmt: skip
+          f"{args.max_batch or max(args.streams)}; the engine in this process runs the same requests with max_batch N")  # fmt: skip
     print("(cpu: tokens per CPU second of the server process vs of this process running the engine; the load of a "
           "shared machine barely moves it)")  # fmt: skip
     print(f"{'streams':>8} {'engine tok/s':>12} {'http tok/s':>10} {'http/engine':>11} {'cpu http/engine':>15} "
@@ -536,6 +536,7 @@ def main() -> None:
     parser.add_argument("--requests", type=int, default=48, help="server requests per level (default: %(default)s)")
     parser.add_argument("--streams", type=int, nargs="+", default=[32, 64], help="concurrent streams (default: 32 64)")
     parser.add_argument("--per-stream", type=int, default=3, help="requests each stream sends in turn")
+    parser.add_argument("--max-batch", type=int, help="the streams' server --max-batch (default: the most streams)")
     parser.add_argument("--new-tokens", type=int, default=32, help="new tokens per request (streams: on average)")
     args = parser.parse_args()
     args.adapters, args.clients = [1, 8, 32], [1, 4, 16]
