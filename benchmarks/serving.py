@@ -16,17 +16,30 @@ concurrent clients on loopback, each client sending its share of the same reques
 tokens, adapters round robin): completion tokens/s and p50/p99 request latency. One client is serving
 the requests one at a time; target: >= 4x its throughput at 16 clients.
 
+(c) Streams: N concurrent streaming clients (N = 32 and 64; httpx, SSE, on loopback) against one server
+(--max-batch 64), each client sending its next request as soon as its last one ended (3 each; 16-47 new
+tokens, so rows finish at different steps and new requests join a running batch), vs the same requests run
+by ``Engine.generate`` in this process with max_batch N. Reports tokens/s of both, HTTP/engine, and the
+time to each request's first streamed text (p50/p99). Targets: HTTP >= 0.8x the engine; 64 streams >= 32.
+
+(d) One mixed batch of 32 rows (8 adapters + base) decoded to 32 new tokens, greedy: loraloom's
+``Engine.generate`` vs PEFT's ``generate(adapter_names=...)`` and the plain base ``generate`` (tokens before
+eos, per second); also counts the rows whose tokens equal PEFT's.
+
 Peers run interleaved in rotated order every round (``common.interleave``); a ratio is the median over
 rounds of per-round ratios. (a) is timed in CPU time of this single-threaded process (wall time beside it),
-which a shared machine's load barely moves; (b) can only be wall time. Read the ratios, not the absolute times.
+which a shared machine's load barely moves; (b)-(d) can only be wall time. Read the ratios, not the absolute
+times. The server subprocess and this process (the clients) share the machine's cores.
 
-    .venv/bin/python benchmarks/serving.py [--quick] [--rounds N] [--threads N] [--only forward|server]
+    .venv/bin/python benchmarks/serving.py [--quick] [--rounds N] [--threads N]
+        [--only forward server streams generate] [--streams 32 64] [--per-stream 3] [--new-tokens 32]
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import os
 import socket
 import statistics
@@ -45,7 +58,8 @@ from common import interleave, median
 from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM
 
 from loraloom.adapters import LoraConfig, write_adapter_folder
-from loraloom.serve import AdapterCache, MultiLora
+from loraloom.models import load_base
+from loraloom.serve import AdapterCache, Engine, MultiLora, Request, SamplingParams
 from loraloom.zoo.base import train_tokenizer
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj"]
@@ -237,41 +251,61 @@ async def run_clients(url: str, jobs: list[dict], clients: int) -> tuple[float, 
     return time.perf_counter() - start, tokens, latencies
 
 
-def bench_server(args: argparse.Namespace) -> list[str]:
+def write_world(root: Path, args: argparse.Namespace) -> list[str]:
+    """The base model (saved with its tokenizer) and 8 adapters under ``root``; returns the words of the vocabulary."""
     config = model_config(args)
     words = [f"w{i}" for i in range(config.vocab_size - 64)]
     tokenizer = train_tokenizer([" ".join(words)], vocab_size=config.vocab_size, add_eos=False)
     config.vocab_size = max(config.vocab_size, len(tokenizer))
+    model = build_model(config)
+    model.save_pretrained(root / "base")
+    tokenizer.save_pretrained(root / "base")
+    write_adapters(model, root / "adapters", 8)
+    return words
+
+
+def start_server(root: Path, args: argparse.Namespace, max_batch: int) -> tuple[subprocess.Popen, str]:
+    """``loraloom serve`` on 127.0.0.1 over ``root``'s base and adapters; returns (process, URL) once it answers."""
+    port = free_port()
+    env = dict(os.environ, OMP_NUM_THREADS=str(args.threads), PYTHONUNBUFFERED="1")
+    cmd = [sys.executable, "-m", "loraloom", "serve", "--base", str(root / "base"), "--adapters",
+           str(root / "adapters"), "--port", str(port), "--max-batch", str(max_batch), "--device", args.device]  # fmt: skip
+    server = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 120
+    while True:
+        if server.poll() is not None or time.monotonic() > deadline:
+            server.kill()
+            raise RuntimeError("the server did not start")
+        try:
+            httpx.get(url + "/v1/models")
+            return server, url
+        except httpx.TransportError:
+            time.sleep(0.3)
+
+
+def make_jobs(words: list[str], n: int, max_tokens: tuple[int, int], seed: int = 3) -> list[dict]:
+    """``n`` greedy completion bodies: prompts of 8-23 words, adapters a00..a07 round robin (every 9th: the
+    base), ``max_tokens`` drawn from [lo, hi) so that rows finish at different steps and others join."""
+    g = torch.Generator().manual_seed(seed)
+    jobs = []
+    for i in range(n):
+        length = int(torch.randint(8, 24, (1,), generator=g))
+        prompt = " ".join(words[int(t)] for t in torch.randint(0, len(words), (length,), generator=g))
+        new = int(torch.randint(*max_tokens, (1,), generator=g)) if max_tokens[1] > max_tokens[0] else max_tokens[0]
+        model_name = f"a{i % 8:02d}" if i % 9 else "base"
+        jobs.append({"model": model_name, "prompt": prompt, "max_tokens": new, "temperature": 0})
+    return jobs
+
+
+def bench_server(args: argparse.Namespace) -> list[str]:
     lines = []
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
-        model = build_model(config)
-        model.save_pretrained(root / "base")
-        tokenizer.save_pretrained(root / "base")
-        write_adapters(model, root / "adapters", 8)
-        port = free_port()
-        env = dict(os.environ, OMP_NUM_THREADS=str(args.threads), PYTHONUNBUFFERED="1")
-        cmd = [sys.executable, "-m", "loraloom", "serve", "--base", str(root / "base"), "--adapters",
-               str(root / "adapters"), "--port", str(port), "--max-batch", "32", "--device", args.device]  # fmt: skip
-        server = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        url = f"http://127.0.0.1:{port}"
+        words = write_world(root, args)
+        server, url = start_server(root, args, max_batch=32)
         try:
-            deadline = time.monotonic() + 120
-            while True:
-                if server.poll() is not None or time.monotonic() > deadline:
-                    raise RuntimeError("the server did not start")
-                try:
-                    httpx.get(url + "/v1/models")
-                    break
-                except httpx.TransportError:
-                    time.sleep(0.3)
-            g = torch.Generator().manual_seed(3)
-            jobs = []
-            for i in range(args.requests):
-                n = int(torch.randint(8, 24, (1,), generator=g))
-                prompt = " ".join(words[int(t)] for t in torch.randint(0, len(words), (n,), generator=g))
-                model_name = f"a{i % 8:02d}" if i % 9 else "base"
-                jobs.append({"model": model_name, "prompt": prompt, "max_tokens": 32, "temperature": 0})
+            jobs = make_jobs(words, args.requests, (32, 32))
             asyncio.run(run_clients(url, jobs[:4], 4))  # warm-up: loads the adapters
             levels = {f"{c} clients": (lambda c=c: asyncio.run(run_clients(url, jobs, c))) for c in args.clients}
             results = interleave(levels, args.rounds, desc="server")
@@ -284,11 +318,205 @@ def bench_server(args: argparse.Namespace) -> list[str]:
     for name, runs in results.items():
         rate = median([tok / wall for wall, tok, _ in runs])
         lat = [x for _, _, ls in runs for x in ls]
-        p50, p99 = statistics.quantiles(lat, n=100)[49], statistics.quantiles(lat, n=100)[98]
+        p50, p99 = percentile(lat, 50), percentile(lat, 99)
         ratio = median([(t / w) / (t1 / w1) for (w, t, _), (w1, t1, _) in zip(runs, results[one], strict=True)])
         print(f"{name.split()[0]:>8} {rate:9.1f} {p50:7.3f} {p99:7.3f} {ratio:10.2f}x")
         lines.append(f"server {name}: {rate:.0f} tokens/s, p50 {p50:.3f}s, p99 {p99:.3f}s, {ratio:.2f}x one at a time")
     return lines
+
+
+def percentile(values: list[float], q: int) -> float:
+    return statistics.quantiles(values, n=100, method="inclusive")[q - 1] if len(values) > 1 else values[0]
+
+
+# ---- (c) streams: the in-process engine vs the HTTP path -------------------------------------------
+
+
+async def run_streams(url: str, jobs: list[dict], streams: int) -> tuple[float, int, list[float]]:
+    """(wall seconds, completion tokens, first-token latencies) of ``jobs`` streamed by ``streams`` clients,
+    each sending its next job as soon as its last one ended."""
+    queue: asyncio.Queue = asyncio.Queue()
+    for job in jobs:
+        queue.put_nowait(job | {"stream": True, "stream_options": {"include_usage": True}})
+    first: list[float] = []
+    tokens = 0
+    limits = httpx.Limits(max_connections=streams, max_keepalive_connections=streams)
+    async with httpx.AsyncClient(base_url=url, timeout=600, limits=limits) as http:
+
+        async def client() -> None:
+            nonlocal tokens
+            while not queue.empty():
+                job = queue.get_nowait()
+                start, seen = time.perf_counter(), False
+                async with http.stream("POST", "/v1/completions", json=job) as r:
+                    r.raise_for_status()
+                    async for line in r.aiter_lines():
+                        if not line.startswith("data: {"):
+                            continue
+                        chunk = json.loads(line[6:])
+                        if not seen and chunk["choices"] and chunk["choices"][0]["text"]:
+                            seen = True
+                            first.append(time.perf_counter() - start)
+                        if chunk.get("usage"):
+                            tokens += chunk["usage"]["completion_tokens"]
+
+        start = time.perf_counter()
+        await asyncio.gather(*(client() for _ in range(streams)))
+    return time.perf_counter() - start, tokens, first
+
+
+def engine_requests(engine: Engine, cache: AdapterCache, jobs: list[dict]) -> list[Request]:
+    tok = engine.tokenizer
+    return [
+        Request(tok(j["prompt"])["input_ids"], None if j["model"] == "base" else cache.get(j["model"]),
+                SamplingParams(max_tokens=j["max_tokens"], temperature=0))
+        for j in jobs
+    ]  # fmt: skip
+
+
+def run_engine(engine: Engine, cache: AdapterCache, jobs: list[dict], max_batch: int) -> tuple[float, int]:
+    """(wall seconds, tokens) of ``Engine.generate`` on ``jobs``, at most ``max_batch`` rows at a time
+    (tokenizing included, as the server does)."""
+    engine.max_batch = max_batch
+    start = time.perf_counter()
+    done = engine.generate(engine_requests(engine, cache, jobs))
+    return time.perf_counter() - start, sum(len(r.output_ids) for r in done)
+
+
+def process_cpu(pid: int | None = None) -> float:
+    """CPU seconds (user + system, every thread) of this process or of process ``pid`` (Linux' /proc)."""
+    if pid is None:
+        return time.process_time()
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def with_cpu(fn, pid: int | None = None) -> tuple:
+    """``fn()``'s result tuple with the CPU seconds it took (this process's, or process ``pid``'s) appended."""
+    start = process_cpu(pid)
+    out = fn()
+    return (*out, process_cpu(pid) - start)
+
+
+def bench_streams(args: argparse.Namespace) -> list[str]:
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp)
+        words = write_world(root, args)
+        model, tokenizer = load_base(str(root / "base"), "causal", device=args.device)
+        cache = AdapterCache(root / "adapters", limit_mib=4096)
+        engine = Engine(model, tokenizer, max_batch=max(args.streams))  # one per model: it wraps its layers
+        jobs = {
+            n: make_jobs(words, n * args.per_stream, (args.new_tokens // 2, args.new_tokens * 3 // 2))
+            for n in args.streams
+        }
+        server, url = start_server(root, args, max_batch=args.max_batch or max(args.streams))
+        try:
+            asyncio.run(run_streams(url, make_jobs(words, 9, (4, 5), seed=4), 9))  # warm-up: loads the adapters
+            run_engine(engine, cache, make_jobs(words, 9, (4, 5), seed=4), 9)
+            peers = {}
+            for n in args.streams:  # each with the CPU seconds it took: this process's, or the server's
+                peers[f"engine {n}"] = lambda n=n: with_cpu(lambda: run_engine(engine, cache, jobs[n], n))
+                peers[f"http {n}"] = lambda n=n: with_cpu(lambda: asyncio.run(run_streams(url, jobs[n], n)), server.pid)
+            results = interleave(peers, args.rounds, desc="streams")
+        finally:
+            server.terminate()
+            server.wait(timeout=30)
+    return report_streams(args, results)
+
+
+def report_streams(args: argparse.Namespace, results: dict[str, list]) -> list[str]:
+    print(f"streams: each of N clients streams {args.per_stream} requests in turn (greedy, "
+          f"{args.new_tokens // 2}-{args.new_tokens * 3 // 2 - 1} new tokens, 8 adapters + base); server --max-batch "
+          f"{args.max_batch or max(args.streams)}; the engine in this process runs the same requests with max_batch N")  # fmt: skip
+    print("(cpu: tokens per CPU second of the server process vs of this process running the engine; the load of a "
+          "shared machine barely moves it)")  # fmt: skip
+    print(f"{'streams':>8} {'engine tok/s':>12} {'http tok/s':>10} {'http/engine':>11} {'cpu http/engine':>15} "
+          f"{'first p50 s':>11} {'first p99 s':>11}")  # fmt: skip
+    lines, rate = [], {}
+    for n in args.streams:
+        engine, http = results[f"engine {n}"], results[f"http {n}"]
+        rate[n] = [t / w for w, t, _, _ in http]
+        pairs = list(zip(http, engine, strict=True))
+        ratio = median([(th / wh) / (te / we) for (wh, th, _, _), (we, te, _) in pairs])
+        cpu = median([(th / ch) / (te / ce) for (_, th, _, ch), (_, te, ce) in pairs])
+        first = [x for _, _, fs, _ in http for x in fs]
+        p50, p99 = percentile(first, 50), percentile(first, 99)
+        e_rate, h_rate = median([t / w for w, t, _ in engine]), median(rate[n])
+        print(f"{n:>8} {e_rate:12.1f} {h_rate:10.1f} {ratio:10.2f}x {cpu:14.2f}x {p50:11.3f} {p99:11.3f}")
+        lines.append(f"streams {n}: http {h_rate:.0f} tokens/s, engine {e_rate:.0f} tokens/s, http/engine {ratio:.2f}x "
+                     f"(target >= 0.8), per CPU second {cpu:.2f}x; first token p50 {p50:.3f}s p99 {p99:.3f}s")  # fmt: skip
+    lo, hi = args.streams[0], args.streams[-1]
+    scale = median([b / a for a, b in zip(rate[lo], rate[hi], strict=True)])
+    print(f"http tokens/s, {hi} streams / {lo} streams: {scale:.2f}x")
+    lines.append(f"streams {hi} vs {lo}: http {scale:.2f}x the tokens/s (target >= 1)")
+    return lines
+
+
+# ---- (d) one mixed batch: loraloom's engine vs PEFT's generate(adapter_names=) and the base ---------
+
+
+def new_tokens(out: torch.Tensor, width: int, eos: int) -> int:
+    """Tokens generated per row before its first eos (what the engine counts), summed."""
+    new = out[:, width:]
+    done = (new == eos).int().cumsum(dim=1) > 0
+    return int((~done).sum())
+
+
+def same_tokens(engine: Engine, cache: AdapterCache, jobs: list[dict], hf_ids: torch.Tensor) -> int:
+    """Rows whose greedy tokens (up to eos) from loraloom's engine equal PEFT's generate's."""
+    done = engine.generate(engine_requests(engine, cache, jobs))
+    eos = engine.eos_ids
+    same = 0
+    for r, row in zip(done, hf_ids.tolist(), strict=True):
+        theirs = row[: next((i for i, t in enumerate(row) if t in eos), len(row))]
+        same += r.output_ids == theirs
+    return same
+
+
+def bench_generate(args: argparse.Namespace) -> list[str]:
+    rows = args.streams[0]
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp)
+        words = write_world(root, args)
+        jobs = make_jobs(words, rows, (args.new_tokens, args.new_tokens))
+        model, tokenizer = load_base(str(root / "base"), "causal", device=args.device)
+        cache = AdapterCache(root / "adapters", limit_mib=4096)
+        engine = Engine(model, tokenizer, max_batch=rows)
+        base, _ = load_base(str(root / "base"), "causal", device=args.device)
+        tuned = peft.PeftModel.from_pretrained(load_base(str(root / "base"), "causal")[0], str(root / "adapters" / "a00"),
+                                               adapter_name="a00").to(args.device).eval()  # fmt: skip
+        for i in range(1, 8):
+            tuned.load_adapter(str(root / "adapters" / f"a{i:02d}"), adapter_name=f"a{i:02d}")
+        tokenizer.padding_side = "left"
+        batch = tokenizer([j["prompt"] for j in jobs], return_tensors="pt", padding=True).to(args.device)
+        names = [j["model"] if j["model"] != "base" else "__base__" for j in jobs]
+        eos, width = model.config.eos_token_id, batch["input_ids"].shape[1]
+
+        def hf(m, **more) -> tuple[float, int]:
+            start = time.perf_counter()
+            with torch.no_grad():
+                out = m.generate(**batch, max_new_tokens=args.new_tokens, do_sample=False,
+                                 pad_token_id=tokenizer.pad_token_id, **more)  # fmt: skip
+            return time.perf_counter() - start, new_tokens(out, width, eos)
+
+        peers = {"loraloom": lambda: run_engine(engine, cache, jobs, rows), "peft": lambda: hf(tuned, adapter_names=names),
+                 "base": lambda: hf(base)}  # fmt: skip
+        for peer in peers.values():
+            peer()  # warm-up
+        same = same_tokens(engine, cache, jobs, hf_ids=tuned.generate(**batch, max_new_tokens=args.new_tokens,
+                           do_sample=False, pad_token_id=tokenizer.pad_token_id, adapter_names=names)[:, width:])  # fmt: skip
+        results = interleave(peers, args.rounds, desc="generate")
+    rate = {k: median([t / w for w, t in v]) for k, v in results.items()}
+    vs = {k: median([(tl / wl) / (t / w) for (wl, tl), (w, t) in zip(results["loraloom"], v, strict=True)])
+          for k, v in results.items()}  # fmt: skip
+    print(f"generate: one batch of {rows} rows (8 adapters + base, mixed), {args.new_tokens} new tokens, greedy; "
+          f"rows whose tokens equal PEFT's: {same}/{rows}")  # fmt: skip
+    print(f"{'peer':>9} {'tokens/s':>9} {'loraloom/peer':>13}")
+    for k in results:
+        print(f"{k:>9} {rate[k]:9.1f} {vs[k]:12.2f}x")
+    return [f"generate {rows} mixed rows: loraloom {rate['loraloom']:.0f} tokens/s, peft {rate['peft']:.0f}, "
+            f"base {rate['base']:.0f}; loraloom/peft {vs['peft']:.2f}x, loraloom/base {vs['base']:.2f}x; "
+            f"{same}/{rows} rows equal to PEFT's tokens"]  # fmt: skip
 
 
 def main() -> None:
@@ -297,7 +525,8 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3, help="default: %(default)s")
     parser.add_argument("--steps", type=int, default=20, help="timed decode calls per peer and round")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (default: %(default)s)")
-    parser.add_argument("--only", choices=["forward", "server"])
+    parser.add_argument("--only", nargs="+", choices=["forward", "server", "streams", "generate"],
+                        help="run only these parts (default: all)")  # fmt: skip
     parser.add_argument("--hidden", type=int, default=512)
     parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or mps (default: %(default)s)")
     parser.add_argument("--layers", type=int, default=4)
@@ -305,18 +534,28 @@ def main() -> None:
         "--vocab", type=int, default=2000, help="small, so the LM head weighs about as little as in a 7B model"
     )
     parser.add_argument("--requests", type=int, default=48, help="server requests per level (default: %(default)s)")
+    parser.add_argument("--streams", type=int, nargs="+", default=[32, 64], help="concurrent streams (default: 32 64)")
+    parser.add_argument("--per-stream", type=int, default=3, help="requests each stream sends in turn")
+    parser.add_argument("--max-batch", type=int, help="the streams' server --max-batch (default: the most streams)")
+    parser.add_argument("--new-tokens", type=int, default=32, help="new tokens per request (streams: on average)")
     args = parser.parse_args()
     args.adapters, args.clients = [1, 8, 32], [1, 4, 16]
+    args.streams = sorted(args.streams)
     if args.quick:
         args.rounds, args.steps, args.hidden, args.layers, args.requests = 1, 4, 256, 2, 16
+        args.per_stream, args.new_tokens = 1, 16
     torch.set_num_threads(args.threads)
     warnings.filterwarnings("ignore", category=FutureWarning)  # past_key_values is PEFT's spelling; same for all
     transformers.logging.set_verbosity_error()
     lines = []
-    if args.only in (None, "forward"):
+    if args.only is None or "forward" in args.only:
         lines += bench_forward(args)
-    if args.only in (None, "server"):
+    if args.only is None or "server" in args.only:
         lines += bench_server(args)
+    if args.only is None or "streams" in args.only:
+        lines += bench_streams(args)
+    if args.only is None or "generate" in args.only:
+        lines += bench_generate(args)
     for line in lines:
         print("RESULT " + line)
 

@@ -60,6 +60,8 @@ from .seq2seq import make_engine, served_task
 
 log = logging.getLogger("loraloom.serve")
 
+INLINE_TOKENIZE_CHARS = 4096  # prompts shorter than this (all of a request's) are tokenized on the event loop:
+# a thread hop costs more than tokenizing them; longer ones go to a thread so the loop keeps streaming.
 DISCONNECT_POLL = 0.5  # seconds between checks that a client waiting for a whole completion is still there
 # Routes open without the API key: liveness probes, as vLLM's /health. /metrics is not among them: vLLM leaves
 # it open, but its own security guide counts the routes its key does not cover as a weakness (a scraper sends
@@ -150,6 +152,17 @@ class Guard:
         await self.app(scope, receive, counted)
 
 
+async def tokenize(tokenizer: Any, texts: list[str], **options: Any) -> list[list[int]]:
+    """Token ids of ``texts``: short ones right here, long ones in a thread (the event loop keeps streaming)."""
+
+    def run() -> list[list[int]]:
+        return [tokenizer(t, **options)["input_ids"] for t in texts]
+
+    if sum(len(t) for t in texts) < INLINE_TOKENIZE_CHARS:
+        return run()
+    return await asyncio.to_thread(run)
+
+
 class _Service:
     """What the routes share: the engine (the base model), its scheduler, the adapter cache and the access."""
 
@@ -192,8 +205,8 @@ class _Service:
         if isinstance(prompts[0], int):  # one prompt of token ids
             prompts = [prompts]
         tokenizer = self.engine.tokenizer
-        if isinstance(prompts[0], str):  # tokenized off the event loop
-            ids = await asyncio.to_thread(lambda: [tokenizer(p)["input_ids"] for p in prompts])
+        if isinstance(prompts[0], str):
+            ids = await tokenize(tokenizer, prompts)
             return ids, prompts
         return prompts, [tokenizer.decode(p, skip_special_tokens=False) for p in prompts] if body.echo else []
 
@@ -310,10 +323,13 @@ class _Service:
         obj = "chat.completion.chunk" if chat else "text_completion"
         with_usage = body.stream_options is not None and body.stream_options.include_usage
 
-        def event(choices: list[dict], **more: Any) -> str:
-            data = {"id": rid, "object": obj, "created": now, "model": body.model, "choices": choices}
-            data |= ({"usage": None} if with_usage else {}) | more  # OpenAI: usage null but in the last chunk
-            return f"data: {json.dumps(data)}\n\n"
+        # Every chunk has the same head: encoded once, each chunk then encodes only its choices (and usage).
+        head = json.dumps({"id": rid, "object": obj, "created": now, "model": body.model})[:-1]
+        usage_null = ', "usage": null' if with_usage else ""  # OpenAI: usage null but in the last chunk
+
+        def event(choices: list[dict], usage: dict | None = None) -> bytes:
+            tail = f', "usage": {json.dumps(usage)}' if usage is not None else usage_null
+            return f'data: {head}, "choices": {json.dumps(choices)}{tail}}}\n\n'.encode()
 
         try:
             if chat:
@@ -322,13 +338,13 @@ class _Service:
             async for request in self.scheduler.follow(job.requests):
                 if request.finish_reason == "error":  # the stream ends with the error; its other rows are freed
                     error = {"message": request.error, "type": "server_error", "param": None, "code": None}
-                    yield f"data: {json.dumps({'error': error})}\n\n"
+                    yield f"data: {json.dumps({'error': error})}\n\n".encode()
                     return
                 for piece in self.pieces(job.choice_of(request), chat, job.logprobs):
                     yield event([piece])
             if with_usage:
                 yield event([], usage=job.usage())
-            yield "data: [DONE]\n\n"
+            yield b"data: [DONE]\n\n"
         finally:  # the client went away (or the stream ended): free the rows
             for request in job.requests:
                 self.scheduler.cancel(request)
@@ -479,7 +495,7 @@ def add_generation_routes(app: FastAPI, service: _Service) -> None:
             text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
         except Exception as e:  # a template may reject a conversation (e.g. roles out of order)
             raise APIError(400, f"messages: the chat template rejected them: {e}", param="messages") from e
-        ids = (await asyncio.to_thread(tokenizer, text, add_special_tokens=False))["input_ids"]
+        ids = (await tokenize(tokenizer, [text], add_special_tokens=False))[0]
         job = await service.admit(body, [ids], [], default_max_tokens=None)
         return await service.respond(job, body, http, chat=True)
 

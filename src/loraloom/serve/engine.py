@@ -29,6 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from transformers import DynamicCache
+from transformers.cache_utils import DynamicLayer
 
 from .multi import LoraWeights, MultiLora
 
@@ -111,6 +112,10 @@ class Request:
     id: int = field(default_factory=lambda: next(_ids))
     output_ids: list[int] = field(default_factory=list)
     text: str = ""  # the decoded output, cut before a stop string
+    # Incremental detokenization (``new_text``): ``output_ids[prefix_at:read_at]`` are decoded already and give
+    # the next token its context; ids after ``read_at`` are not yet in ``text`` (half of a multi-byte character).
+    prefix_at: int = 0
+    read_at: int = 0
     sent: int = 0  # characters of ``text`` already handed out by ``take_text``
     finish_reason: str | None = None  # "stop", "length", "cancelled" or "error"
     error: str | None = None
@@ -125,6 +130,21 @@ class Request:
     @property
     def finished(self) -> bool:
         return self.finish_reason is not None
+
+    def new_text(self, tokenizer: Any, final: bool = False) -> str:
+        """The text of the ids made since the last call (the caller adds it to ``text``): "" while they end in
+        half of a multi-byte character, unless ``final`` (the last token: what is left goes out as is).
+
+        Decodes a few ids each call, not the whole output: the ids after ``prefix_at`` give the tokenizer its
+        context (a word's leading space, a WordPiece continuation), and the text before ``read_at`` is cut off."""
+        window = self.output_ids[self.prefix_at :]
+        seen = tokenizer.decode(window[: self.read_at - self.prefix_at], skip_special_tokens=True)
+        full = tokenizer.decode(window, skip_special_tokens=True)
+        new = full[len(seen) :] if full.startswith(seen) else full  # a tokenizer whose text is not a prefix: restart
+        if not new or (new.endswith("\ufffd") and not final):
+            return ""  # no text yet (a skipped special token) or a character still incomplete: keep the context
+        self.prefix_at, self.read_at = self.read_at, len(self.output_ids)
+        return new
 
     def take_text(self) -> str:
         """The text made since the last call (held back while it might still turn into a stop string)."""
@@ -233,6 +253,10 @@ class Engine:
         if self.max_lora_rank is not None and rank > self.max_lora_rank:
             raise ValueError(f"adapter {adapter.name!r} has rank {rank}, over --max-lora-rank {self.max_lora_rank}")
 
+    def occupied(self) -> int:
+        """Rows that stay in the batch at the next step (finished and cancelled ones leave it first)."""
+        return sum(not (r.finished or r.cancelled) for r in self.rows)
+
     # ---- one token boundary ------------------------------------------------------------------
 
     @torch.no_grad()
@@ -318,6 +342,7 @@ class Engine:
         A row whose logits are not finite (an adapter that overflows, say) fails alone: the others go on."""
         tokens = logits.argmax(dim=-1)  # the plain greedy rows' tokens, exactly as before
         finite = torch.isfinite(logits).all(dim=-1).tolist()
+        chosen = tokens.tolist()  # one copy to Python ints per step, not one tensor index per row
         for i, r in enumerate(requests):
             if r.finished:
                 continue
@@ -328,28 +353,37 @@ class Engine:
             params = r.params
             if params.temperature > 0 or params.adjusts:
                 row = _adjusted(logits[i], params, r.output_ids)
-                tokens[i] = _sample_row(row, params, r.generator) if params.temperature > 0 else row.argmax()
-            token = int(tokens[i])
+                chosen[i] = _sample_row(row, params, r.generator) if params.temperature > 0 else int(row.argmax())
+                tokens[i] = chosen[i]
+            token = chosen[i]
             logprob = _token_logprob(logits[i], token, params.logprobs) if params.logprobs is not None else None
             self._record(r, token, logprob)
         return tokens
 
     def _record(self, r: Request, token: int, logprob: TokenLogprob | None = None) -> None:
+        # The event loop reads ``text`` and ``finish_reason`` while the next step runs: each is assigned once,
+        # the text first, so a reader never sees a stop string's start before the text is cut.
         if r.cancelled:
             r.finish_reason = "cancelled"
             return
         if token in self.eos_ids:
+            r.text += r.new_text(self.tokenizer, final=True)  # a last incomplete character, if any, as is
             r.finish_reason = "stop"
             return
         self.generated_tokens += 1
         r.output_ids.append(token)
         if logprob is not None:
             r.logprobs.append(logprob)
-        r.text = self.tokenizer.decode(r.output_ids, skip_special_tokens=True)
-        hits = [i for i in (r.text.find(s, max(r.sent - len(s), 0)) for s in r.params.stop) if i >= 0]
+        length = len(r.output_ids) >= r.params.max_tokens
+        new = r.new_text(self.tokenizer, final=length)
+        text = r.text + new
+        # A stop string can only end in the new text: search from where one could have started.
+        hits = [i for i in (text.find(s, max(len(r.text) - len(s) + 1, 0)) for s in r.params.stop) if new and i >= 0]
         if hits:
-            r.text, r.finish_reason = r.text[: min(hits)], "stop"
-        elif len(r.output_ids) >= r.params.max_tokens:
+            r.text, r.finish_reason = text[: min(hits)], "stop"
+            return
+        r.text = text
+        if length:
             r.finish_reason = "length"
 
     # ---- the batch's KV cache ----------------------------------------------------------------
@@ -361,14 +395,9 @@ class Engine:
             return
         width = max(self.mask.shape[1], mask.shape[1])
         old_kv, new_kv = _tensors(self.cache), _tensors(cache)
-        merged = [
-            (
-                torch.cat([_pad_left(ko, width), _pad_left(kn, width)]),
-                torch.cat([_pad_left(vo, width), _pad_left(vn, width)]),
-            )
-            for (ko, vo), (kn, vn) in zip(old_kv, new_kv, strict=True)
-        ]
-        self.cache = DynamicCache(ddp_cache_data=merged, config=self.model.config)
+        merged = [(_stack_left(ko, kn, width), _stack_left(vo, vn, width))
+                  for (ko, vo), (kn, vn) in zip(old_kv, new_kv, strict=True)]  # fmt: skip
+        self.cache = _cache_of(merged, self.model.config)
         self.mask = torch.cat([_pad_left(self.mask, width, dim=1), _pad_left(mask, width, dim=1)])
         self.next_tokens = torch.cat([self.next_tokens, tokens])
         self.rows = self.rows + rows
@@ -396,7 +425,7 @@ class Engine:
         """Run ``requests`` to the end, all admitted together (up to ``max_batch`` at a time)."""
         waiting = list(requests)
         while waiting or self.rows:
-            room = self.max_batch - len([r for r in self.rows if not r.finished])
+            room = self.max_batch - self.occupied()
             new, waiting = waiting[:room], waiting[room:]
             self.step(new)
         self._drop_finished()
@@ -417,12 +446,35 @@ def _tensors(cache: DynamicCache) -> list[tuple[torch.Tensor, torch.Tensor]]:
     return [(layer.keys, layer.values) for layer in cache.layers]
 
 
+def _cache_of(data: list[tuple[torch.Tensor, torch.Tensor]], config: Any) -> DynamicCache:
+    """A DynamicCache holding ``data`` (keys, values per layer) as they are.
+
+    ``DynamicCache(ddp_cache_data=...)`` concatenates each layer's tensors onto empty ones: a copy of the whole
+    cache every time rows join or leave. Plain layers take the tensors as they are; other kinds (sliding window,
+    with state of their own) are filled through ``update`` as before."""
+    cache = DynamicCache(config=config)
+    if len(cache.layers) != len(data) or any(type(layer) is not DynamicLayer for layer in cache.layers):
+        return DynamicCache(ddp_cache_data=data, config=config)
+    for layer, (k, v) in zip(cache.layers, data, strict=True):
+        layer.lazy_initialization(k, v)
+        layer.keys, layer.values = k, v
+    return cache
+
+
 def _select(cache: DynamicCache, rows: list[int], config: Any, start: int = 0) -> DynamicCache:
     index = torch.tensor(rows, device=cache.layers[0].keys.device)
     data = [
-        (k.index_select(0, index)[:, :, start:], v.index_select(0, index)[:, :, start:]) for k, v in _tensors(cache)
+        (k[:, :, start:].index_select(0, index), v[:, :, start:].index_select(0, index)) for k, v in _tensors(cache)
     ]
-    return DynamicCache(ddp_cache_data=data, config=config)
+    return _cache_of(data, config)
+
+
+def _stack_left(old: torch.Tensor, new: torch.Tensor, width: int) -> torch.Tensor:
+    """``old``'s rows then ``new``'s, each left-padded with zeros to ``width`` columns (dim 2): one copy."""
+    out = old.new_zeros((old.shape[0] + new.shape[0], *old.shape[1:2], width, *old.shape[3:]))
+    out[: old.shape[0], :, width - old.shape[2] :] = old
+    out[old.shape[0] :, :, width - new.shape[2] :] = new
+    return out
 
 
 def _pad_left(t: torch.Tensor, width: int, dim: int = 2) -> torch.Tensor:

@@ -46,6 +46,8 @@ class ServerMetrics:
         for reason, count in sorted(scheduler.finished.items()):
             finished.add_metric([reason], count)
         yield finished
+        yield CounterMetricFamily(PREFIX + "engine_steps", "Token boundaries (engine steps) run so far.",
+                                  value=scheduler.steps)  # fmt: skip
         yield CounterMetricFamily(PREFIX + "requests_cancelled", "Requests abandoned by their client.",
                                   value=scheduler.cancelled)  # fmt: skip
         http = CounterMetricFamily(PREFIX + "http_requests", "HTTP responses, by status code.", labels=["code"])

@@ -24,7 +24,7 @@ def pick(waiting: list[Request], running: Sequence[Request], room: int, max_lora
     At most ``room`` join. With ``max_loras``, a request whose adapter is not yet in the batch joins only while
     the batch holds fewer distinct adapters than that (the base model takes no slot, as in vLLM); the requests
     after one held back may still join."""
-    active = {id(r.adapter) for r in running if r.adapter is not None and not r.finished}  # finished: leaving
+    active = {id(r.adapter) for r in running if r.adapter is not None and not (r.finished or r.cancelled)}  # leaving
     new, held = [], []
     for r in waiting:
         lora_ok = r.adapter is None or id(r.adapter) in active or max_loras is None or len(active) < max_loras
@@ -99,7 +99,9 @@ class Scheduler:
                 await self._wake.wait()
                 continue
             engine = self.engine
-            new, self.waiting = pick(self.waiting, engine.rows, engine.max_batch - len(engine.rows), engine.max_loras)
+            # Finished rows leave at the start of the step: their room goes to waiting requests now, not after
+            # the whole batch drains.
+            new, self.waiting = pick(self.waiting, engine.rows, engine.max_batch - engine.occupied(), engine.max_loras)
             made = engine.generated_tokens
             try:
                 changed = await loop.run_in_executor(self._worker, engine.step, new)
