@@ -51,8 +51,10 @@ def save_result(target: Path, version: int) -> None:
 
 
 def save_file(target: Path, version: int) -> None:
-    text = json.dumps({"version": version, "pad": "x" * (8 << 20)})  # a write long enough to be killed in
-    atomic_write(target, lambda tmp: Path(tmp).write_text(text))
+    # Encoding inside the save too: nearly all of a round is then between the temp file and the rename, where
+    # a kill must leave a leftover (encoding first made a kill land outside the save 20 times running).
+    pad = "x" * (8 << 20)
+    atomic_write(target, lambda tmp: Path(tmp).write_text(json.dumps({"version": version, "pad": pad})))
 
 
 WRITERS = {"adapter": save_adapter, "result": save_result, "file": save_file}

@@ -148,7 +148,9 @@ def test_modules_whose_update_is_not_s_b_a_on_the_stored_base_are_refused_by_nam
 
     model = tiny_t5()
     plain = make_modules(model, tmp_path / "pool", 1)[0]
-    odd = ll.add_adapter(tiny_t5(), ll.LoraConfig(r=4, lora_alpha=8, target_modules=["q", "v"], **config), verbose=False)
+    odd = ll.add_adapter(
+        tiny_t5(), ll.LoraConfig(r=4, lora_alpha=8, target_modules=["q", "v"], **config), verbose=False
+    )
     ll.save_adapter(odd, tmp_path / "pool" / "odd")
     with pytest.raises(ll.AdapterError, match=rf"module .*odd: {field}"):
         load_bank([plain, tmp_path / "pool" / "odd"])
