@@ -66,8 +66,9 @@ class ServeOptions:
     )  # fmt: skip
     host: str = flag("address to listen on", default="127.0.0.1")
     port: int = flag("port to listen on", default=8000)
+    # 64, not 32: on a CPU tokens/s is flat from 32 to 64 rows, and 64 streams then start in 0.3 s, not 2.5 s.
     max_batch: int = flag("rows decoded together at most; more requests wait", "--max-num-seqs",
-                          default=32)  # fmt: skip
+                          default=64)  # fmt: skip
     max_loras: int | None = flag(
         "distinct adapters in the running batch at most (the base takes none); a request for another waits",
         default=None, type=int, metavar="N",
