@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import random
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -267,7 +268,7 @@ def test_load_32_clients_200_requests_match_one_at_a_time(world, server):
 
 
 def test_cli_serve_subprocess(world):
-    """``loraloom serve`` starts, lists the adapters, answers one completion, and stops on SIGTERM."""
+    """``loraloom serve`` starts, lists the adapters, answers one completion, and stops cleanly on Ctrl-C."""
     import socket
 
     with socket.socket() as s:
@@ -290,9 +291,14 @@ def test_cli_serve_subprocess(world):
         body = {"model": "m00", "prompt": PROMPT, "max_tokens": 8, "temperature": 0}
         r = httpx.post(f"http://127.0.0.1:{port}/v1/completions", json=body, timeout=30)
         assert r.json()["choices"][0]["text"] == expected(world, PROMPT, "m00")
+        proc.send_signal(signal.SIGINT)  # Ctrl-C: a graceful stop, without uvicorn's re-raised KeyboardInterrupt
+        out, _ = proc.communicate(timeout=30)
+        assert proc.returncode == 0 and "Application shutdown complete" in out, out
+        assert "Traceback" not in out, out
     finally:
-        proc.terminate()
-        proc.wait(timeout=20)
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(timeout=20)
 
 
 def test_named_adapters_load_on_first_use(world):

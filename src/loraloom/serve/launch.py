@@ -5,6 +5,9 @@ Kept apart from ``app.py`` so that the app and its replicas never import each ot
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
+
 from .app import build_app
 from .options import ServeOptions
 
@@ -22,9 +25,19 @@ def serve(options: ServeOptions) -> None:
         return
     import uvicorn
 
+    class Server(uvicorn.Server):
+        """uvicorn, minus the Ctrl-C it raises again after its graceful shutdown: raised inside the event loop,
+        it cancels the app's lifespan task and logs a traceback on every clean stop (uvicorn issue 1579)."""
+
+        @contextlib.contextmanager
+        def capture_signals(self) -> Iterator[None]:
+            with super().capture_signals():
+                yield
+                getattr(self, "_captured_signals", []).clear()  # shut down already: nothing left to raise
+
     app = build_app(options)
     print(f"loraloom: serving {options.base} (adapters: {options.adapters}) on http://{options.host}:{options.port}")
-    uvicorn.run(app, host=options.host, port=options.port, log_level="info")
+    Server(uvicorn.Config(app, host=options.host, port=options.port, log_level="info")).run()
 
 
 __all__ = ["serve"]
