@@ -17,6 +17,7 @@ from torch import nn
 
 from ..data import load_examples, pad_token_id_of
 from ..models import load_base
+from ..quantize import is_int8
 from .bank import ModuleBank, load_bank
 from .compose import Composition
 from .objective import Objective, encode_few_shot, parameters_in
@@ -63,6 +64,7 @@ def lorahub(
     input_field: str = "input",
     target_field: str = "target",
     device: str | None = None,
+    low_memory: bool | None = None,
     progress: bool = False,
     **options: Any,
 ) -> LoraHubResult:
@@ -77,6 +79,10 @@ def lorahub(
             a list): ``"random"`` drawn with the seed (the paper); the ``num`` best by ``"retrieval"`` (own
             few-shot loss), ``"arrow"`` (prototype alignment) or ``"embedding"`` (task cards): hub/select.py.
         device: where a base given by name loads ("auto", "cpu", "cuda:1"; a model object stays put).
+        low_memory: Adam's steps run one example's forward and backward at a time, keeping one example's
+            activations instead of all of them (the same w and objective up to float rounding, more forward
+            calls). None: on when the base is quantized (``load_base(..., quantize="int8")``), which asks
+            for a small footprint.
         settings: how to search (``SearchSettings``: mode, budget, formula, dtype, ...; default when None).
         **options: any ``SearchSettings`` field by name, overriding ``settings`` (``budget=40, seed=1``).
 
@@ -104,10 +110,12 @@ def lorahub(
         with clock.phase("module_load"):
             selection = _select(modules, pool, num, select, search, model, features, pad_token_id, progress)
             bank = modules if isinstance(modules, ModuleBank) else load_bank(selection.modules, progress=progress)
+        if low_memory is None:
+            low_memory = is_quantized(model)
 
         # COMPOSE: install the composed layers; SEARCH: minimise the objective over w.
         with Composition(model, bank, search.layer_groups) as composition, clock.phase("search"):
-            objective = Objective.from_settings(composition, features, pad_token_id, search)
+            objective = Objective.from_settings(composition, features, pad_token_id, search, low_memory)
             found = run_search(objective, search, progress=progress)
 
     # RESULT: the best evaluated weights, the trace, and where the time went.
@@ -129,6 +137,11 @@ def lorahub(
         stopped=found.stopped,
         nonfinite=found.nonfinite,
     )
+
+
+def is_quantized(model: nn.Module) -> bool:
+    """Whether any weight of ``model`` is quantized: loraloom's int8 or torchao's (a tensor subclass)."""
+    return any(is_int8(p) or type(p.data).__module__.startswith("torchao") for p in model.parameters())
 
 
 def _base_and_tokenizer(

@@ -15,6 +15,12 @@ into micro-batches without padding, and P candidates are scored in one pass (``C
 population mode) by repeating each micro-batch P times. A seq2seq model's encoder and decoder run as
 calls of their own, each side grouped by its own lengths (the decoder's few target tokens then need few
 calls, whatever the inputs' lengths), and no KV cache is built (``use_cache=False``).
+
+Gradients (``gradient``, Adam's steps): both formulas are linear in each example's summed token loss, so
+the gradient of the objective is the sum of per-example gradients. By default all examples run as one
+graph (fewest forward calls); ``low_memory`` runs one example's forward and backward at a time, so only
+that example's activations are kept for the backward pass (measured on FLAN-T5-base's shapes, 5 examples:
+benchmarks/README.md). The same w and objective up to float rounding; more, smaller forward calls.
 """
 
 from __future__ import annotations
@@ -133,7 +139,12 @@ class Objective:
 
     @classmethod
     def from_settings(
-        cls, composition: Composition, features: Sequence[dict[str, list[int]]], pad_token_id: int, settings: Any
+        cls,
+        composition: Composition,
+        features: Sequence[dict[str, list[int]]],
+        pad_token_id: int,
+        settings: Any,
+        low_memory: bool = False,
     ) -> Objective:
         """The objective a ``SearchSettings`` asks for (its formula, penalty, batch size and dtype)."""
         return cls(
@@ -144,6 +155,7 @@ class Objective:
             alpha=settings.alpha,
             batch_size=settings.batch_size,
             dtype=settings.torch_dtype,
+            low_memory=low_memory,
         )
 
     def __init__(
@@ -157,6 +169,7 @@ class Objective:
         batch_size: int | None = None,
         dtype: torch.dtype | None = None,
         call_cost: float = CALL_COST_TOKENS,
+        low_memory: bool = False,
     ) -> None:
         if formula not in FORMULAS:
             raise ValueError(f"formula must be one of {FORMULAS}, got {formula!r}")
@@ -168,6 +181,7 @@ class Objective:
         self.model = composition.model
         self.task = task_of(self.model)
         self.formula, self.alpha, self.batch_size, self.dtype = formula, alpha, batch_size, dtype
+        self.low_memory = low_memory  # gradients one example at a time (see the module's docstring)
         self.n_examples = len(features)
         if self.task == "causal":  # the first token has no prediction: never a target
             features = [{**f, "labels": [IGNORE_INDEX, *f["labels"][1:]]} for f in features]
@@ -176,46 +190,59 @@ class Objective:
             raise ValueError(f"few-shot example {counts.index(0) + 1} has no target tokens (empty target?)")
         self.token_counts = torch.tensor(counts, dtype=torch.float64)
         self.features, self.pad_token_id, self.call_cost = list(features), pad_token_id, call_cost
-        self._micro_batches: dict[int, list[tuple[list[int], dict[str, torch.Tensor]]]] = {}
+        # (population, examples) -> micro-batches; examples is None for all of them
+        self._micro_batches: dict[tuple[int, tuple[int, ...] | None], list[tuple[list[int], dict[str, torch.Tensor]]]]
+        self._micro_batches = {}
         self._memo: dict[bytes, torch.Tensor] = {}  # w (float32 bytes) -> its per-example loss sums
         self._logits_to_keep = "logits_to_keep" in inspect.signature(self.model.forward).parameters
         # Wall seconds spent composing (A_hat, B_hat per layer), in forward passes and (gradient mode)
         # in backward passes: the time budget ``lorahub`` reports.
         self.seconds = {"composition": 0.0, "forward": 0.0, "backward": 0.0}
 
-    def micro_batches(self, population: int) -> list[tuple[list[int], dict[str, torch.Tensor]]]:
-        """(example indices, padded batch) per forward call for ``population`` candidates; fixed per size.
+    def micro_batches(
+        self, population: int, examples: Sequence[int] | None = None
+    ) -> list[tuple[list[int], dict[str, torch.Tensor]]]:
+        """(example indices, padded batch) per forward call for ``population`` candidates over ``examples``
+        (default: all); fixed per size and set of examples.
 
         Causal LMs: one call per micro-batch of whole examples. Seq2seq: the encoder's calls (``input_ids``,
         ``attention_mask``) and then the decoder's (``decoder_input_ids``, ``labels``, and the
         ``attention_mask`` of the encoder states it reads), each side grouped by its own lengths.
         """
-        if population not in self._micro_batches:
+        key = (population, None if examples is None else tuple(examples))
+        if key not in self._micro_batches:
+            members = list(range(self.n_examples)) if examples is None else list(examples)
             with torch.inference_mode(False):  # plain tensors: gradient mode reuses them
-                self._micro_batches[population] = self._build_micro_batches(population)
-        return self._micro_batches[population]
+                self._micro_batches[key] = self._build_micro_batches(population, members)
+        return self._micro_batches[key]
 
-    def _build_micro_batches(self, population: int) -> list[tuple[list[int], dict[str, torch.Tensor]]]:
+    def _buckets(self, lengths: list[tuple[int, ...]], members: list[int], population: int, call_cost: float):
+        """``length_buckets`` over ``members`` (lengths[j] is members[j]'s), as indices into all examples."""
+        return [[members[j] for j in idx] for idx in length_buckets(lengths, population, call_cost)]
+
+    def _build_micro_batches(
+        self, population: int, members: list[int]
+    ) -> list[tuple[list[int], dict[str, torch.Tensor]]]:
         device = next(self.model.parameters()).device
         if self.task != "seq2seq":
-            lengths = [(len(f["input_ids"]),) for f in self.features]
-            buckets = length_buckets(lengths, population, self.call_cost)
+            lengths = [(len(self.features[i]["input_ids"]),) for i in members]
+            buckets = self._buckets(lengths, members, population, self.call_cost)
             return [(idx, _to(collate([self.features[i] for i in idx], self.pad_token_id), device)) for idx in buckets]
         # Seq2seq: the encoder reads the inputs and the decoder the (short) targets, so each side gets the
         # grouping that suits its own lengths, and no call pads a short target to the longest input.
         # Each side streams about half the model's weights a call.
         out = []
-        sources = [(len(f["input_ids"]),) for f in self.features]
-        for idx in length_buckets(sources, population, self.call_cost / 2):
+        sources = {i: len(f["input_ids"]) for i, f in enumerate(self.features)}
+        for idx in self._buckets([(sources[i],) for i in members], members, population, self.call_cost / 2):
             batch = collate(
                 [{"input_ids": self.features[i]["input_ids"], "labels": [0]} for i in idx], self.pad_token_id
             )
             out.append((idx, _to({"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}, device)))
-        targets = [(len(f["labels"]),) for f in self.features]
-        for idx in length_buckets(targets, population, self.call_cost / 2):
+        targets = [(len(self.features[i]["labels"]),) for i in members]
+        for idx in self._buckets(targets, members, population, self.call_cost / 2):
             labels = collate([{"input_ids": [0], "labels": self.features[i]["labels"]} for i in idx], 0)["labels"]
-            width = max(sources[i][0] for i in idx)
-            mask = torch.tensor([[1] * sources[i][0] + [0] * (width - sources[i][0]) for i in idx])
+            width = max(sources[i] for i in idx)
+            mask = torch.tensor([[1] * sources[i] + [0] * (width - sources[i]) for i in idx])
             decoder_input_ids = self.model.prepare_decoder_input_ids_from_labels(labels=labels)
             batch = {"decoder_input_ids": decoder_input_ids, "labels": labels, "attention_mask": mask}
             out.append((idx, _to(batch, device)))
@@ -244,8 +271,10 @@ class Objective:
             self._memo.update(zip(fresh, sums.clone(), strict=True))
         return self.scores(w, torch.stack([self._memo[k] for k in keys]))
 
-    def token_loss_sums(self, w: torch.Tensor) -> torch.Tensor:
-        """P x n_examples summed token cross-entropies (float64); differentiable if grad mode is on."""
+    def token_loss_sums(self, w: torch.Tensor, examples: Sequence[int] | None = None) -> torch.Tensor:
+        """P x n_examples summed token cross-entropies (float64); differentiable if grad mode is on.
+
+        ``examples``: run only these (default all); the other columns are 0."""
         was_training = self.model.training
         self.model.eval()
         try:
@@ -257,7 +286,7 @@ class Objective:
             # Summed on the model's device, in float64 where it has one (MPS does not); one copy back at the end.
             acc = torch.float32 if device.type == "mps" else torch.float64
             sums = torch.zeros(p, self.n_examples, dtype=acc, device=device)
-            for idx, per_row in self._row_loss_sums(p):
+            for idx, per_row in self._row_loss_sums(p, examples):
                 sums = sums.index_add(1, torch.tensor(idx, device=device), per_row.view(p, len(idx)).to(acc))
             sums = sums.to("cpu", torch.float64)
             self.seconds["composition"] += composed - start
@@ -267,12 +296,12 @@ class Objective:
             self.composition.clear()
             self.model.train(was_training)
 
-    def _row_loss_sums(self, p: int) -> Iterator[tuple[list[int], torch.Tensor]]:
+    def _row_loss_sums(self, p: int, examples: Sequence[int] | None) -> Iterator[tuple[list[int], torch.Tensor]]:
         """(example indices, P x len(indices) summed token losses, candidate-major) per decoder call."""
         if self.task == "seq2seq":
-            yield from self._seq2seq_loss_sums(p)
+            yield from self._seq2seq_loss_sums(p, examples)
             return
-        for idx, batch in self.micro_batches(p):
+        for idx, batch in self.micro_batches(p, examples):
             batch = {k: v.repeat(p, 1) for k, v in batch.items()}
             labels = batch.pop("labels")
             # Only positions that predict a target token need the LM head (vocabularies are large).
@@ -284,12 +313,12 @@ class Objective:
                 logits = self.model(**batch, use_cache=False).logits[:, -keep:]
             yield idx, _token_loss_sums(logits[:, :-1], labels[:, first:])
 
-    def _seq2seq_loss_sums(self, p: int) -> Iterator[tuple[list[int], torch.Tensor]]:
+    def _seq2seq_loss_sums(self, p: int, examples: Sequence[int] | None) -> Iterator[tuple[list[int], torch.Tensor]]:
         """The encoder over its micro-batches, then the decoder over its own, reading the encoder states
         unpadded per example (padding inside a decoder call is masked out of cross-attention)."""
         encoder = self.model.get_encoder()
         states: dict[int, torch.Tensor] = {}  # example -> P x its length x d_model
-        for idx, batch in self.micro_batches(p):
+        for idx, batch in self.micro_batches(p, examples):
             if "input_ids" not in batch:  # a decoder call
                 width = batch["attention_mask"].shape[1]
                 padded = [F.pad(states[i], (0, 0, 0, width - states[i].shape[1])) for i in idx]
@@ -307,6 +336,32 @@ class Objective:
             hidden = hidden.view(p, len(idx), *hidden.shape[1:])
             for j, i in enumerate(idx):
                 states[i] = hidden[:, j, : len(self.features[i]["input_ids"])]
+
+    def gradient(self, w: torch.Tensor) -> Scores:
+        """Scores of w (P x N, requiring grad) with d(Σ values)/dw added to ``w.grad``; no backward when a
+        value is not finite (batched), or only for the examples whose loss is (``low_memory``): the caller
+        checks the scores. Returns detached scores. Gradient mode must be on."""
+        if not self.low_memory:
+            scores = self.scores(w, self.token_loss_sums(w))
+            start = time.perf_counter()
+            if torch.isfinite(scores.values).all():
+                scores.values.sum().backward()
+            self.seconds["backward"] += time.perf_counter() - start
+            return Scores(scores.values.detach(), scores.losses.detach(), scores.penalties.detach())
+        # One example at a time: its column of the sums (the others 0) through the same (linear) formula
+        # gives its share of the loss; the shares' gradients add up to the batched gradient.
+        sums = torch.zeros(w.shape[0], self.n_examples, dtype=torch.float64)
+        for i in range(self.n_examples):
+            own = self.token_loss_sums(w, [i])
+            start = time.perf_counter()
+            if torch.isfinite(own).all():
+                self.scores(w, own).losses.sum().backward()
+            self.seconds["backward"] += time.perf_counter() - start
+            sums += own.detach()
+        scores = self.scores(w, sums)  # the penalty's gradient: the loss term is a constant here
+        if torch.isfinite(scores.values).all():
+            scores.values.sum().backward()
+        return Scores(scores.values.detach(), scores.losses.detach(), scores.penalties.detach())
 
     def scores(self, w: torch.Tensor, sums: torch.Tensor) -> Scores:
         """Objective from the P x n summed token losses; non-finite losses score +inf."""

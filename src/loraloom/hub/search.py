@@ -608,22 +608,14 @@ def _adam_step(objective: Objective, w: torch.Tensor, adam: torch.optim.Adam, bo
     start = time.perf_counter()
     adam.zero_grad()
     with torch.enable_grad():
-        scores = objective.scores(w, objective.token_loss_sums(w))
-        backward = time.perf_counter()
-        if torch.isfinite(scores.values).all():
-            scores.values.sum().backward()
-        objective.seconds["backward"] += time.perf_counter() - backward
-    tracer.record(w.detach().clone(), _detached(scores), time.perf_counter() - start, gradient=True)
-    if w.grad is None or not torch.isfinite(w.grad).all():
+        scores = objective.gradient(w)
+    tracer.record(w.detach().clone(), scores, time.perf_counter() - start, gradient=True)
+    if not torch.isfinite(scores.values).all() or w.grad is None or not torch.isfinite(w.grad).all():
         return False
     adam.step()
     with torch.no_grad():
         w.clamp_(-bounds, bounds)
     return True
-
-
-def _detached(scores: Scores) -> Scores:
-    return Scores(scores.values.detach(), scores.losses.detach(), scores.penalties.detach())
 
 
 __all__ = [
