@@ -48,6 +48,8 @@ FALLBACK_MAX_LENGTH = 2048
 # What one forward call costs beyond its tokens, in tokens: on CPU a call streams every weight of the
 # model once, whatever the batch (FLAN-T5-small shapes: ~50 ms a call, ~0.7 ms a token on one core).
 CALL_COST_TOKENS = 64
+# (example indices, padded batch) per forward call.
+MicroBatches = list[tuple[list[int], dict[str, torch.Tensor]]]
 
 
 @dataclass
@@ -191,17 +193,14 @@ class Objective:
         self.token_counts = torch.tensor(counts, dtype=torch.float64)
         self.features, self.pad_token_id, self.call_cost = list(features), pad_token_id, call_cost
         # (population, examples) -> micro-batches; examples is None for all of them
-        self._micro_batches: dict[tuple[int, tuple[int, ...] | None], list[tuple[list[int], dict[str, torch.Tensor]]]]
-        self._micro_batches = {}
+        self._micro_batches: dict[tuple[int, tuple[int, ...] | None], MicroBatches] = {}
         self._memo: dict[bytes, torch.Tensor] = {}  # w (float32 bytes) -> its per-example loss sums
         self._logits_to_keep = "logits_to_keep" in inspect.signature(self.model.forward).parameters
         # Wall seconds spent composing (A_hat, B_hat per layer), in forward passes and (gradient mode)
         # in backward passes: the time budget ``lorahub`` reports.
         self.seconds = {"composition": 0.0, "forward": 0.0, "backward": 0.0}
 
-    def micro_batches(
-        self, population: int, examples: Sequence[int] | None = None
-    ) -> list[tuple[list[int], dict[str, torch.Tensor]]]:
+    def micro_batches(self, population: int, examples: Sequence[int] | None = None) -> MicroBatches:
         """(example indices, padded batch) per forward call for ``population`` candidates over ``examples``
         (default: all); fixed per size and set of examples.
 
@@ -216,13 +215,13 @@ class Objective:
                 self._micro_batches[key] = self._build_micro_batches(population, members)
         return self._micro_batches[key]
 
-    def _buckets(self, lengths: list[tuple[int, ...]], members: list[int], population: int, call_cost: float):
+    def _buckets(
+        self, lengths: list[tuple[int, ...]], members: list[int], population: int, call_cost: float
+    ) -> list[list[int]]:
         """``length_buckets`` over ``members`` (lengths[j] is members[j]'s), as indices into all examples."""
         return [[members[j] for j in idx] for idx in length_buckets(lengths, population, call_cost)]
 
-    def _build_micro_batches(
-        self, population: int, members: list[int]
-    ) -> list[tuple[list[int], dict[str, torch.Tensor]]]:
+    def _build_micro_batches(self, population: int, members: list[int]) -> MicroBatches:
         device = next(self.model.parameters()).device
         if self.task != "seq2seq":
             lengths = [(len(self.features[i]["input_ids"]),) for i in members]
