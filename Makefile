@@ -2,7 +2,6 @@
 VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
-QUANT_STAMP := $(VENV)/.installed-quant
 
 .PHONY: demo test lint bench clean
 
@@ -17,13 +16,9 @@ $(STAMP): pyproject.toml
 demo: $(STAMP)
 	$(PY) -m loraloom demo
 
-# torchao for the quantized-base tests, installed by `make test` only: with torchao present, transformers
-# imports it on every model load (about a second, and its import-time warnings), which the demo need not pay.
-$(QUANT_STAMP): $(STAMP)
-	$(PY) -m pip install --quiet -e ".[quant]"
-	touch $(QUANT_STAMP)
-
-test: $(STAMP) $(QUANT_STAMP)
+# No torchao (the `quant` extra, for int4 on CUDA): int8 needs none, and with torchao present transformers
+# imports it on every model load (about half a second, and its import-time warnings).
+test: $(STAMP)
 	$(PY) -m ruff check src tests benchmarks
 	$(PY) -m pytest
 

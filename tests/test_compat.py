@@ -8,6 +8,7 @@ import torch
 from hub_modules import EXAMPLES, edit_config, make_modules, tokenizer
 from tiny_models import logits, model_inputs, tiny_llama, tiny_t5
 
+from loraloom import compat
 from loraloom.compat import (
     FewShotDataset,
     default_get_loss,
@@ -18,6 +19,8 @@ from loraloom.compat import (
 )
 from loraloom.data import normalise_answer
 from loraloom.hub import Composition, Objective, load_bank, merge_composition
+from loraloom.hub import search as search_module
+from loraloom.hub.search import nevergrad_search
 
 INPUTS = [e["input"] for e in EXAMPLES]
 OUTPUTS = [e["target"] for e in EXAMPLES]
@@ -180,3 +183,23 @@ def test_inference_returns_predictions_as_decoded_and_scores_them_as_the_referen
     truths = [predictions[0].strip().upper() + ".", predictions[1].strip() + " .", "x"]  # match, no match, no
     _, accuracy = lorahub_inference(inputs, model, tok, 2, example_outputs=truths)
     assert accuracy == pytest.approx(100 / 3)  # "(A) ."-like answers do not match, as in the reference
+
+
+@pytest.mark.parametrize(
+    ("native", "dtype", "scored_in"), [(True, "auto", "bf16"), (False, "auto", "fp32"), (True, "fp32", "fp32")]
+)
+def test_candidates_are_scored_in_bf16_where_native_and_the_merged_model_is_float32(
+    saved_t5, monkeypatch, native, dtype, scored_in
+):
+    _, modules = saved_t5
+    monkeypatch.setattr(search_module, "fast_bf16", lambda device: native)
+    seen = []
+
+    def search(objective, settings, **kwargs):
+        seen.append((settings.dtype, {p.dtype for p in objective.objective.model.parameters()}))
+        return nevergrad_search(objective, settings, **kwargs)
+
+    monkeypatch.setattr(compat, "nevergrad_search", search)
+    weights, model, _ = lorahub_learning(modules, INPUTS, OUTPUTS, 4, dtype=dtype)
+    assert seen == [(scored_in, {torch.bfloat16 if scored_in == "bf16" else torch.float32})]
+    assert all(p.dtype == torch.float32 for p in model.parameters()) and np.all(np.abs(weights) <= 1.5)

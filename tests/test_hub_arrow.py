@@ -200,10 +200,12 @@ def test_compose_selects_with_arrow_on_t5(tmp_path):
     (tmp_path / "few.jsonl").write_text("".join(json.dumps(e) + "\n" for e in EXAMPLES))
     args = ["compose", "--base", str(tmp_path / "base"), "--pool", str(tmp_path / "pool"), "--num", "2"]
     args += ["--select", "arrow", "--examples", str(tmp_path / "few.jsonl"), "--budget", "2", "--mode", "nevergrad"]
+    args += ["--no-bf16"]  # the scores are compared with an fp32 selection below
     assert main([*args, "--out", str(tmp_path / "out")]) == 0
     saved = json.loads((tmp_path / "out" / "weights.json").read_text())
     selection = saved["selection"]
     assert selection["method"] == "arrow" and set(selection["scores"]) == set(pool)
+    assert saved["settings"]["dtype"] == "fp32"
     assert saved["modules"] == selection["modules"] == sorted(pool, key=lambda m: -selection["scores"][m])[:2]
     assert all(0 < s < 1 for s in selection["scores"].values())
     features = encode_few_shot(model, tokenizer(), load_examples(EXAMPLES))

@@ -14,6 +14,7 @@ from tiny_models import logits, model_inputs, tiny_llama, tiny_t5
 import loraloom as ll
 from loraloom.adapters import load_adapter
 from loraloom.data import collate, load_examples
+from loraloom.devices import fast_bf16
 from loraloom.hub import (
     Composition,
     Objective,
@@ -23,8 +24,10 @@ from loraloom.hub import (
     merge_composition,
     read_weights,
 )
+from loraloom.hub import search as search_module
 from loraloom.hub.result import read_layer_groups
 from loraloom.hub.select import select_random
+from loraloom.quantize import quantize_model
 
 
 @pytest.fixture
@@ -45,7 +48,15 @@ def test_lorahub_finds_better_weights_and_traces_every_evaluation(t5_setup, popu
     model, modules = t5_setup
     before = {k: v.clone() for k, v in model.state_dict().items()}
     result = ll.lorahub(
-        model, modules, EXAMPLES, tokenizer=tokenizer(), budget=12, seed=1, population=population, mode="nevergrad"
+        model,
+        modules,
+        EXAMPLES,
+        tokenizer=tokenizer(),
+        budget=12,
+        seed=1,
+        population=population,
+        mode="nevergrad",
+        dtype="fp32",  # compared with an fp32 rescoring below
     )
     assert len(result.trace) == 12 and len(result.weights) == 4
     assert [e.index for e in result.trace] == list(range(12))
@@ -90,7 +101,7 @@ def test_gradient_mode_descends(t5_setup):
 
 def test_reference_objective_option(t5_setup):
     model, modules = t5_setup
-    result = ll.lorahub(model, modules, EXAMPLES, tokenizer=tokenizer(), budget=5, formula="reference")
+    result = ll.lorahub(model, modules, EXAMPLES, tokenizer=tokenizer(), budget=5, formula="reference", dtype="fp32")
     expected = rescore(model, modules, result.weights, tokenizer(), formula="reference")
     assert result.objective == pytest.approx(expected, abs=1e-6)
 
@@ -139,7 +150,8 @@ def test_retrieval_keeps_the_modules_with_the_lowest_own_loss(tmp_path):
     model = tiny_t5()
     pool = make_modules(model, tmp_path / "pool", 5, scale=0.3)
     tok = tokenizer()
-    result = ll.lorahub(model, pool=pool, num=2, select="retrieval", examples=EXAMPLES, tokenizer=tok, budget=3)
+    options = {"budget": 3, "dtype": "fp32"}  # scores compared with the fp32 model's own loss below
+    result = ll.lorahub(model, pool=pool, num=2, select="retrieval", examples=EXAMPLES, tokenizer=tok, **options)
     scores = result.selection.scores
     own = {}
     for m in pool:  # each module alone, loaded the ordinary way, scored by the model's own loss
@@ -194,7 +206,8 @@ def test_settings_are_one_validated_object_saved_as_is(t5_setup, tmp_path):
     model, modules = t5_setup
     settings = ll.SearchSettings(mode="nevergrad", budget=5, population=2, optimizer="TwoPointsDE", seed=4)
     result = ll.lorahub(model, modules, EXAMPLES, tokenizer=tokenizer(), settings=settings, alpha=0.1)
-    expected = dataclasses.replace(settings, alpha=0.1)
+    expected = dataclasses.replace(settings, alpha=0.1).for_model(model)  # saved with dtype "auto" resolved
+    assert expected.dtype == ("bf16" if fast_bf16(torch.device("cpu")) else "fp32")
     saved = json.loads((result.save(tmp_path / "out", plot=False) / "weights.json").read_text())["settings"]
     fields = {f.name for f in dataclasses.fields(ll.SearchSettings)}
     assert ll.SearchSettings(**{k: saved[k] for k in fields}) == expected  # reads back to the same object
@@ -239,7 +252,7 @@ def test_hybrid_ends_with_gradient_steps_from_the_best_gradient_free_point(t5_se
 def test_per_layer_group_weights_are_searched_saved_and_merged(t5_setup, tmp_path, mode):
     model, modules = t5_setup
     result = ll.lorahub(
-        model, modules, EXAMPLES, tokenizer=tokenizer(), budget=6, mode=mode, layer_groups="stack", lr=0.2
+        model, modules, EXAMPLES, tokenizer=tokenizer(), budget=6, mode=mode, layer_groups="stack", lr=0.2, dtype="fp32"
     )
     assert len(result.weights) == 8 and result.settings["layer_groups"] == "stack"  # encoder, decoder x 4
     assert result.objective == pytest.approx(
@@ -290,3 +303,25 @@ def test_save_leaves_matplotlib_global_state_alone(t5_setup, tmp_path):
     finally:
         matplotlib.use(previous)
     assert (tmp_path / "out" / "trace.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_dtype_auto_is_bf16_where_native_and_recorded_as_resolved(t5_setup, monkeypatch):
+    """ "auto" (the default) evaluates in bf16 where the device computes it natively, as training does; the
+    result records what ran, the base comes back float32, and bf16 finds about what fp32 finds."""
+    model, modules = t5_setup
+    with pytest.raises(ValueError, match="resolve it with for_model"):
+        _ = ll.SearchSettings().torch_dtype
+    runs = {}
+    for native in (True, False):
+        monkeypatch.setattr(search_module, "fast_bf16", lambda device, native=native: native)
+        runs[native] = ll.lorahub(model, modules, EXAMPLES, tokenizer=tokenizer(), budget=7, lr=0.1)
+        assert runs[native].settings["dtype"] == ("bf16" if native else "fp32")
+        assert all(p.dtype == torch.float32 for p in model.parameters())
+    bf16, fp32 = runs[True], runs[False]
+    assert rescore(model, modules, bf16.weights, tokenizer()) == pytest.approx(fp32.objective, rel=0.01)
+    assert ll.SearchSettings(dtype="fp32").for_model(model).dtype == "fp32"  # asked for: kept
+    # neither a half-precision model nor a quantized one is cast to bf16 behind the user's back
+    monkeypatch.setattr(search_module, "fast_bf16", lambda device: True)
+    assert ll.SearchSettings().for_model(tiny_t5().half()).dtype == "fp32"
+    assert ll.SearchSettings().for_model(quantize_model(tiny_t5())).dtype == "fp32"
+    assert ll.SearchSettings().for_model(tiny_t5()).dtype == "bf16"

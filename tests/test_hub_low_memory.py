@@ -42,7 +42,9 @@ def test_lorahub_low_memory_finds_the_same_weights(tmp_path):
     model = tiny_t5()
     modules = make_modules(model, tmp_path, 3)
     runs = [
-        ll.lorahub(model, modules, EXAMPLES, tokenizer=tokenizer(), budget=16, lr=0.1, low_memory=low_memory)
+        ll.lorahub(
+            model, modules, EXAMPLES, tokenizer=tokenizer(), budget=16, lr=0.1, low_memory=low_memory, dtype="fp32"
+        )
         for low_memory in (False, True)
     ]
     batched, accumulated = runs

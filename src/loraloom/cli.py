@@ -200,7 +200,7 @@ def add_compose(sub: Any) -> None:
     p.add_argument("--formula", "--objective", choices=FORMULAS, default=formula, help="the loss (default %(default)s)")
     modes = "gradient: Adam on w; nevergrad: gradient-free (the paper); hybrid: nevergrad then Adam"
     p.add_argument("--mode", choices=MODES, default=DEFAULT_MODE, help=f"{modes} (default: %(default)s)")
-    p.add_argument("--bf16", action="store_true", help="evaluate in bfloat16")
+    p.add_argument("--bf16", action=argparse.BooleanOptionalAction, help="evaluate in bfloat16 (default: where native)")
     p.add_argument("--out", required=True, metavar="DIR", help="adapter/, weights.json, trace.csv, trace.png")
     p.add_argument("--merge", action="store_true", help="also save the base with the module merged, in OUT/merged")
     p.set_defaults(run=cmd_compose)
@@ -214,7 +214,7 @@ def cmd_compose(args: argparse.Namespace) -> int:
         if args.num > size:
             print(f"loraloom: note: --num {args.num}, but the pool holds {size} modules: using all", file=sys.stderr)
             args.num = size
-    settings = options_of(SearchSettings, args, dtype="bf16" if args.bf16 else "fp32")
+    settings = options_of(SearchSettings, args, dtype={None: "auto", True: "bf16", False: "fp32"}[args.bf16])
     examples = load_examples(args.examples, args.input_field, args.target_field)
     model, tokenizer = load_base(args.base, args.task, **placement(args))
     with warnings.catch_warnings():

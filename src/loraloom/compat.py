@@ -13,7 +13,9 @@ state dict, examples are scored without padding, and causal LMs work too. Differ
 - the returned weights are the best *evaluated* ones (for NGOpt with one worker, i.e. Cobyla, the
   same point nevergrad recommends), and the same weights always score the same;
 - the global ``random`` / ``numpy`` seeds are not touched: nevergrad gets the random state that the
-  reference's ``numpy.random.seed(seed)`` would have led it to draw.
+  reference's ``numpy.random.seed(seed)`` would have led it to draw;
+- candidates are scored in bfloat16 where the hardware computes it natively (``dtype="auto"``, as every
+  loraloom search; ``dtype="fp32"`` scores as the reference does), about twice as fast.
 """
 
 from __future__ import annotations
@@ -31,7 +33,7 @@ from .data import IGNORE_INDEX, Example, encode_causal, normalise_answer, pad_to
 from .evaluate import generate
 from .hub.bank import load_bank
 from .hub.compose import Composition
-from .hub.objective import DEFAULT_ALPHA, Objective, Scores
+from .hub.objective import DEFAULT_ALPHA, Objective, Scores, parameters_in
 from .hub.search import SearchSettings, nevergrad_search
 from .models import load_base
 from .tasks import task_of
@@ -150,12 +152,16 @@ def lorahub_learning(
     get_loss: Callable[[FewShotDataset, nn.Module, int | None], float] = default_get_loss,
     get_regular: Callable[[Sequence[float]], float] = default_l1_regularization,
     seed: int = 42,
+    *,
+    dtype: str = "auto",
 ) -> tuple[np.ndarray, nn.Module, Any]:
     """(weights, merged model, tokenizer), as the reference's ``lorahub_learning`` returns them.
 
     The search is the reference's, NGOpt in nevergrad mode with ``budget=max_inference_step``: at most
     ``max_inference_step`` candidates scored, each one forward pass over the examples (with a custom
-    ``get_loss``, one call of it), as in the reference."""
+    ``get_loss``, one call of it), as in the reference. ``dtype`` (loraloom's; ``SearchSettings.dtype``):
+    candidates are scored in bfloat16 where the CPU or GPU computes it natively ("auto"), or as asked
+    ("fp32", "bf16"); the merged model is float32 either way."""
     modules = [str(m) for m in lora_module_list]
     if not modules:
         raise ValueError("no LoRA modules given: lorahub_learning needs at least one module")
@@ -176,13 +182,19 @@ def lorahub_learning(
     dataset = FewShotDataset(list(example_inputs), list(example_outputs), features, pad_token_id)
     # The reference seeds numpy's global generator, from which nevergrad then draws its own seed.
     random_state = np.random.RandomState(np.random.RandomState(seed).randint(2**32, dtype=np.uint32))
+    settings = SearchSettings.from_options(reference_search(max_inference_step), dtype=dtype).for_model(model)
     with Composition(model, bank) as composition:
-        objective = Objective(
-            composition, features, pad_token_id=pad_token_id, formula="reference", batch_size=batch_size
-        )
-        scorer = _CustomScorer(objective, dataset, batch_size, get_loss, get_regular)
-        settings = reference_search(max_inference_step)
-        found = nevergrad_search(scorer, settings, random_state=random_state)
+        with parameters_in(model, settings.torch_dtype):
+            objective = Objective(
+                composition,
+                features,
+                pad_token_id=pad_token_id,
+                formula="reference",
+                batch_size=batch_size,
+                dtype=settings.torch_dtype,
+            )
+            scorer = _CustomScorer(objective, dataset, batch_size, get_loss, get_regular)
+            found = nevergrad_search(scorer, settings, random_state=random_state)
         composition.merge(found.weights)
     return np.asarray(found.weights), model, tokenizer
 

@@ -234,7 +234,10 @@ class ExperimentSettings:
         """The LoraHub search of ``method``'s cells (with seed 0; each cell uses its own seed); a merge method's
         is the gradient-free one."""
         mode = LORAHUB_METHODS[method][1] if method in LORAHUB_METHODS else "nevergrad"
-        return SearchSettings.from_options(None, **{**self.lorahub_options, "mode": mode, "budget": self.budget})
+        # The precision of a cell is the experiment's ``dtype`` (the model's), not the machine's: "fp32" scores in
+        # the model's own, so cells hash and score the same on every machine unless lorahub_options ask otherwise.
+        options = {"dtype": "fp32", **self.lorahub_options, "mode": mode, "budget": self.budget}
+        return SearchSettings.from_options(None, **options)
 
     def hash(self) -> str:
         """A stable hash of every setting."""

@@ -15,9 +15,9 @@ from typing import Any
 
 from torch import nn
 
+from ..adapters.base import is_quantized as quantized_weight
 from ..data import load_examples, pad_token_id_of
 from ..models import load_base
-from ..quantize import is_int8
 from .bank import ModuleBank, load_bank
 from .compose import Composition
 from .objective import Objective, encode_few_shot, parameters_in
@@ -92,7 +92,7 @@ def lorahub(
     best weights evaluated so far, with ``complete=False``, ``interrupted`` and a one-line ``stopped`` (and a
     ``LoraHubWarning``); with nothing evaluated yet, the error (or the KeyboardInterrupt) is raised.
     """
-    search = SearchSettings.from_options(settings, **options)
+    search = SearchSettings.from_options(settings, **options)  # dtype "auto" is resolved once the model is here
     if select not in METHODS or examples is None:
         bad = f"select must be one of {METHODS}, got {select!r}" if examples is not None else "no examples given"
         raise ValueError(bad)
@@ -103,6 +103,7 @@ def lorahub(
     # LOAD: the base model, the examples as token ids, and the modules into a bank.
     with clock.phase("base_load"):
         model, tokenizer = _base_and_tokenizer(base, tokenizer, device)
+    search = search.for_model(model)
     with clock.phase("tokenisation"):
         features = encode_few_shot(model, tokenizer, load_examples(examples, input_field, target_field), max_length)
     pad_token_id = pad_token_id_of(tokenizer)
@@ -141,7 +142,7 @@ def lorahub(
 
 def is_quantized(model: nn.Module) -> bool:
     """Whether any weight of ``model`` is quantized: loraloom's int8 or torchao's (a tensor subclass)."""
-    return any(is_int8(p) or type(p.data).__module__.startswith("torchao") for p in model.parameters())
+    return any(quantized_weight(p) for p in model.parameters())
 
 
 def _base_and_tokenizer(

@@ -11,6 +11,7 @@ always scores the same.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 from typing import Any
 
@@ -58,7 +59,9 @@ class MergeObjective:
         self._requires_grad = {name: p.requires_grad for name, p in model.named_parameters()}
         template = combine_modules(self.modules, [1.0] * self.n_weights, combine, model)
         load_combined(model, template)  # shapes are fixed by the operator and the modules, not by w
-        self.objective = Objective.from_settings(self, features, pad_token_id, search)
+        # A merge is scored in the model's own precision (set_weights loads float tensors as they are).
+        own_precision = dataclasses.replace(search, dtype="fp32")
+        self.objective = Objective.from_settings(self, features, pad_token_id, own_precision)
 
     def set_weights(self, w: torch.Tensor, dtype: torch.dtype | None = None) -> None:
         if w.shape[0] != 1:

@@ -30,6 +30,8 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from ..adapters.base import is_quantized
+from ..devices import fast_bf16
 from .bank import check_layer_groups
 from .objective import DEFAULT_ALPHA, FORMULAS, Objective, Scores
 
@@ -51,7 +53,7 @@ MODES = ("nevergrad", "gradient", "hybrid")
 # modules r=16 on q,v; example sets a / b), and at most 2.4x in any round. Rounded up, so that a search
 # never costs more than ``budget`` evaluations would.
 ADAM_STEP_COST = 3
-DTYPES = ("fp32", "bf16")
+DTYPES = ("auto", "fp32", "bf16")
 # nevergrad imports bayes_opt (and with it scikit-learn and pandas: ~0.3-0.5 s) only to register these two
 # optimizers; NGOpt and every other optimizer do without it.
 BAYES_OPT_OPTIMIZERS = ("BO", "BOSplit")
@@ -183,8 +185,11 @@ class SearchSettings:
     """Weight of the L1 penalty alpha·mean|w|."""
     batch_size: int | None = None
     """Examples per batch of the "reference" formula (all of them when None); "mean" ignores it."""
-    dtype: str = "fp32"
-    """"fp32", or "bf16" to evaluate in bfloat16 (faster on CPUs with AVX512-BF16 or AMX)."""
+    dtype: str = "auto"
+    """The precision the search evaluates in: "bf16" (about twice as fast where it is native), "fp32" (the
+    model's own), or "auto": bf16 where the model's device computes it natively (``devices.fast_bf16``: CPUs
+    with AVX512-BF16 or AMX, CUDA with bf16) and the model is not quantized, as ``train`` does; else fp32.
+    ``for_model`` resolves it, and a result records the resolved value."""
     layer_groups: str | int | None = None
     """None: one weight per module (the paper). "stack": one per module per stack (encoder / decoder);
     an int k: one per module per k consecutive layers of each stack."""
@@ -260,7 +265,18 @@ class SearchSettings:
     @property
     def torch_dtype(self) -> torch.dtype | None:
         """The compute dtype: None (fp32, as the model is) or torch.bfloat16."""
+        if self.dtype == "auto":
+            raise ValueError('SearchSettings.dtype "auto" depends on the model: resolve it with for_model(model)')
         return torch.bfloat16 if self.dtype == "bf16" else None
+
+    def for_model(self, model: nn.Module) -> SearchSettings:
+        """These settings with dtype "auto" made concrete for ``model`` (see ``dtype``)."""
+        if self.dtype != "auto":
+            return self
+        params = [p for p in model.parameters() if p.is_floating_point()]
+        native = bool(params) and fast_bf16(params[0].device)
+        bf16 = native and all(p.dtype in (torch.float32, torch.bfloat16) and not is_quantized(p) for p in params)
+        return dataclasses.replace(self, dtype="bf16" if bf16 else "fp32")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
