@@ -66,12 +66,15 @@ def test_compose_given_modules_with_retrieval_options(setting, tmp_path):
     assert main(args) == 0
     weights = json.loads((out / "weights.json").read_text())
     assert weights["modules"] == modules and weights["settings"]["dtype"] == "bf16"
+    assert weights["settings"]["low_memory"] is False  # a float32 base: batched gradients unless asked
     assert not (out / "merged").exists()
 
     args = ["compose", "--base", str(setting / "base"), "--pool", str(setting / "pool"), "--num", "2"]
-    args += ["--select", "retrieval", "--examples", str(setting / "few.jsonl"), "--budget", "2", "--out", str(out)]
-    assert main(args) == 0
-    selection = json.loads((out / "weights.json").read_text())["selection"]
+    args += ["--select", "retrieval", "--examples", str(setting / "few.jsonl"), "--budget", "7", "--out", str(out)]
+    assert main([*args, "--low-memory", "--no-bf16"]) == 0
+    saved = json.loads((out / "weights.json").read_text())
+    assert saved["settings"]["low_memory"] is True and saved["settings"]["dtype"] == "fp32"
+    selection = saved["selection"]
     assert selection["method"] == "retrieval" and len(selection["scores"]) == 5
 
 

@@ -201,6 +201,8 @@ def add_compose(sub: Any) -> None:
     modes = "gradient: Adam on w; nevergrad: gradient-free (the paper); hybrid: nevergrad then Adam"
     p.add_argument("--mode", choices=MODES, default=DEFAULT_MODE, help=f"{modes} (default: %(default)s)")
     p.add_argument("--bf16", action=argparse.BooleanOptionalAction, help="evaluate in bfloat16 (default: where native)")
+    low_memory = "Adam's steps one example at a time: less memory, slower (default: on with --quantize)"
+    p.add_argument("--low-memory", action=argparse.BooleanOptionalAction, help=low_memory)
     p.add_argument("--out", required=True, metavar="DIR", help="adapter/, weights.json, trace.csv, trace.png")
     p.add_argument("--merge", action="store_true", help="also save the base with the module merged, in OUT/merged")
     p.set_defaults(run=cmd_compose)
@@ -220,7 +222,7 @@ def cmd_compose(args: argparse.Namespace) -> int:
     with warnings.catch_warnings():
         warnings.showwarning = _warning_line  # one line each, no source location (restored on exit)
         try:
-            choice = {"pool": args.pool, "num": args.num, "select": args.select}
+            choice = {"pool": args.pool, "num": args.num, "select": args.select, "low_memory": args.low_memory}
             result = lorahub(
                 model, args.modules, examples, tokenizer=tokenizer, settings=settings, progress=True, **choice
             )

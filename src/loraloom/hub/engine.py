@@ -128,7 +128,7 @@ def lorahub(
         trace=found.trace,
         modules=list(bank.names),
         selection=selection,
-        settings={**search.to_dict(), "method": found.method, "examples": len(features)},
+        settings={**search.to_dict(), "method": found.method, "examples": len(features), "low_memory": low_memory},
         seconds=found.seconds,
         timings=timings,
         bank=bank,
