@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
 import shutil
 import statistics
@@ -60,6 +61,9 @@ def test_every_method_records_a_row(world, tmp_path):
             evaluations = 2 if method == "lorahub-gradient" else 4
             assert r["details"]["lorahub_settings"]["budget"] == 4 and len(r["details"]["trace"]) == evaluations
             assert r["details"]["cost"] == 4 and r["details"]["adam_steps"] == (method == "lorahub-gradient")
+            # the search that ran is the one the cell's hash covers (dtype "fp32" on every machine included)
+            planned = dataclasses.replace(FAST.search_settings(method), seed=1).to_dict()
+            assert {k: r["details"]["lorahub_settings"][k] for k in planned} == planned
         assert by[(task, "lorahub-gradient")]["details"]["lorahub_settings"]["mode"] == "gradient"
         assert by[(task, "lorahub-retrieval")]["details"]["selection"]["method"] == "retrieval"
         best = by[(task, "retrieval-best")]

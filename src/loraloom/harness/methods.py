@@ -120,19 +120,11 @@ def run_lorahub(job: Job, model: nn.Module, tokenizer: Any) -> Outcome:
     """``ll.lorahub`` on the learning examples (N modules from the pool, chosen and searched as the method
     says: ``LORAHUB_METHODS``), then the composition scored."""
     s = job.settings
-    select, mode = LORAHUB_METHODS[job.method]
+    select = LORAHUB_METHODS[job.method][0]
     num = min(s.num_modules, len(job.pool))
+    search = dataclasses.replace(s.search_settings(job.method), seed=job.seed)  # the search the cell's hash covers
     result = lorahub(
-        model,
-        examples=job.learn,
-        tokenizer=tokenizer,
-        pool=job.pool,
-        num=num,
-        select=select,
-        budget=s.budget,
-        seed=job.seed,
-        mode=mode,
-        **s.lorahub_options,
+        model, examples=job.learn, tokenizer=tokenizer, pool=job.pool, num=num, select=select, settings=search
     )
     if result.interrupted:  # Ctrl-C inside the search: stop the sweep, store nothing for this cell
         raise KeyboardInterrupt
