@@ -23,7 +23,7 @@ try: resolve_device(sys.argv[1])
 except ValueError as e: sys.exit(f'benchmarks/gpu.sh: {e}')" "$DEVICE" || exit 2
 
 echo "== LoraHub vs the reference package (FLAN-T5-small shapes) on $DEVICE"
-"$PY" benchmarks/lorahub_vs_reference.py --device "$DEVICE" --seeds 3 --variants reference,loraloom,loraloom-bf16 "${QUICK[@]}"
+"$PY" benchmarks/lorahub_vs_reference.py --device "$DEVICE" --seeds 3 --variants reference,loraloom,loraloom-fp32,compat "${QUICK[@]}"
 echo "== LoRA training vs PEFT on $DEVICE"
 "$PY" benchmarks/lora_train.py --device "$DEVICE" "${QUICK[@]}"
 echo "== FourierFT vs PEFT on $DEVICE"
