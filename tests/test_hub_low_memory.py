@@ -55,6 +55,19 @@ def test_lorahub_low_memory_finds_the_same_weights(tmp_path):
         assert a.objective == pytest.approx(b.objective, rel=1e-6) and a.gradient == b.gradient
 
 
+def test_low_memory_runs_in_bf16_too(tmp_path):
+    """One example at a time under bf16 parameters: the same search as batched bf16, up to bf16 rounding."""
+    model = tiny_t5()
+    modules = make_modules(model, tmp_path, 3)
+    batched, accumulated = (
+        ll.lorahub(model, modules, EXAMPLES, tokenizer=tokenizer(), budget=10, lr=0.1, low_memory=lm, dtype="bf16")
+        for lm in (False, True)
+    )
+    assert accumulated.settings["low_memory"] and accumulated.settings["dtype"] == "bf16"
+    assert accumulated.objective == pytest.approx(batched.objective, rel=1e-2)
+    assert all(p.dtype == torch.float32 for p in model.parameters())
+
+
 def test_a_non_finite_loss_skips_the_step_as_batched(tmp_path):
     *_, objective = setup(tmp_path)
     for layer in objective.composition.layers.values():  # module 0 overflows the model
