@@ -289,3 +289,26 @@ def test_fast_bf16_reads_the_cpu_flags():
     flags = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").is_file() else ""
     assert fast_bf16(torch.device("cpu")) == ("avx512_bf16" in flags or "amx_bf16" in flags)
     assert fast_bf16(torch.device("meta")) is False
+
+
+@pytest.mark.slow  # ~1 min: two compilations of a tiny T5 on the CPU
+def test_compile_trains_the_same_as_eager():
+    """``compile=True``: the same losses and adapter weights as the eager loop (fp32, every dropout off,
+    T5's attention dropout included), on the model object the caller holds."""
+    tok = t5_tokenizer()
+
+    def run(compile_):
+        model = no_dropout(tiny_t5())
+        for m in model.modules():  # T5's attention reads its dropout rate from a float, not an nn.Dropout
+            if hasattr(m, "relative_attention_num_buckets"):
+                m.dropout = 0.0
+        options = {"lr": 1e-2, "max_steps": 3, "batch_size": 4, "bf16": False, "progress": False}
+        res = train(model, tok, MAPPING, adapter=lora(["q", "v"]), compile=compile_, **options)
+        return res.losses, ll.adapters.peft_format.adapter_state_dict(model)
+
+    (eager, eager_state), (compiled, compiled_state) = run(False), run(True)
+    assert compiled == pytest.approx(eager, rel=1e-4)
+    diff = max((compiled_state[k] - eager_state[k]).abs().max().item() for k in eager_state)
+    assert diff < 1e-3, diff  # AdamW's first steps move each weight by ~lr whatever the gradient's size
+    with pytest.raises(ValueError, match="compile must be True or False"):
+        train(tiny_t5(), tok, MAPPING, compile="yes", progress=False)

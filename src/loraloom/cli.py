@@ -107,6 +107,7 @@ def add_train(sub: Any) -> None:
     p.add_argument("--lr", type=float, help=f"default: per adapter type ({rates}, full {FULL_LR:g})")
     p.add_argument("--seed", type=int, default=default_of(TrainArgs, "seed"), help="default: %(default)s")
     p.add_argument("--bf16", action=argparse.BooleanOptionalAction, help="bfloat16 autocast (default: where native)")
+    p.add_argument("--compile", action="store_true", help="torch.compile the forward pass (slow first steps)")
     p.add_argument("--out", required=True, metavar="DIR", help="where the adapter (or full model) is saved")
     p.set_defaults(run=cmd_train)
 

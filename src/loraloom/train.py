@@ -164,6 +164,9 @@ class TrainArgs:
     group_by_length: bool = True
     """Batch examples of similar length (shuffled in megabatches of 50 batches, as transformers'
     LengthGroupedSampler): on variable-length data most of a batch is otherwise padding."""
+    compile: bool = False
+    """``torch.compile`` the training forward pass (dynamic shapes; a C++ compiler on the CPU). Off by default:
+    on a 2-core CPU 30 steps on FLAN-T5-small's shapes took 247 s compiled against 34 s eager (README)."""
 
     def __post_init__(self) -> None:
         if self.task is not None and self.task not in TASKS:
@@ -182,6 +185,8 @@ class TrainArgs:
                 raise ValueError(f"{name} must be a positive finite number or None, got {value!r}")
         if not (math.isfinite(self.weight_decay) and self.weight_decay >= 0):
             raise ValueError(f"weight_decay must be >= 0, got {self.weight_decay!r}")
+        if not isinstance(self.compile, bool):
+            raise ValueError(f"compile must be True or False, got {self.compile!r}")
         if not 0 <= self.warmup_ratio < 1:
             raise ValueError(f"warmup_ratio must lie in [0, 1), got {self.warmup_ratio!r}")
 
@@ -326,6 +331,7 @@ def run_steps(
     bf16 = fast_bf16(device) if args.bf16 is None else args.bf16
     autocast = torch.autocast(device.type, dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
     no_cache = {} if task == "classification" else {"use_cache": False}  # no KV cache while training
+    forward = torch.compile(model, dynamic=True) if args.compile else model  # shares the model's parameters
     losses: list[torch.Tensor] = []  # one per optimizer step, kept on the device: no sync per step
     evals: list[tuple[int, float]] = []
     bar = tqdm(total=total_steps, desc=desc, disable=not progress, dynamic_ncols=True)
@@ -340,7 +346,7 @@ def run_steps(
             for feats in group:
                 batch = {k: v.to(device, non_blocking=True) for k, v in collate(feats, pad_id).items()}
                 with autocast:
-                    loss = model(**batch, **no_cache).loss / len(group)
+                    loss = forward(**batch, **no_cache).loss / len(group)
                 loss.backward()
                 step_loss += loss.detach()
             factor = lr_factor(step, total_steps, warmup_steps)
