@@ -320,8 +320,12 @@ def test_dtype_auto_is_bf16_where_native_and_recorded_as_resolved(t5_setup, monk
     bf16, fp32 = runs[True], runs[False]
     assert rescore(model, modules, bf16.weights, tokenizer()) == pytest.approx(fp32.objective, rel=0.01)
     assert ll.SearchSettings(dtype="fp32").for_model(model).dtype == "fp32"  # asked for: kept
-    # neither a half-precision model nor a quantized one is cast to bf16 behind the user's back
+    # a half-precision model is not cast to bf16 behind the user's back; loraloom's int8 base computes in bf16
     monkeypatch.setattr(search_module, "fast_bf16", lambda device: True)
     assert ll.SearchSettings().for_model(tiny_t5().half()).dtype == "fp32"
-    assert ll.SearchSettings().for_model(quantize_model(tiny_t5())).dtype == "fp32"
+    quantized = quantize_model(tiny_t5())
+    assert ll.SearchSettings().for_model(quantized).dtype == "bf16"
+    result = ll.lorahub(quantized, modules, EXAMPLES, tokenizer=tokenizer(), budget=4, lr=0.1)
+    assert result.settings["dtype"] == "bf16" and result.settings["low_memory"]
+    assert {p.dtype for p in quantized.parameters()} == {torch.float32}  # the int8 weights report float32 again
     assert ll.SearchSettings().for_model(tiny_t5()).dtype == "bf16"

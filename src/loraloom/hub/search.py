@@ -32,6 +32,7 @@ from tqdm.auto import tqdm
 
 from ..adapters.base import is_quantized
 from ..devices import fast_bf16
+from ..quantize import is_int8
 from .bank import check_layer_groups
 from .objective import DEFAULT_ALPHA, FORMULAS, Objective, Scores
 
@@ -188,7 +189,8 @@ class SearchSettings:
     dtype: str = "auto"
     """The precision the search evaluates in: "bf16" (about twice as fast where it is native), "fp32" (the
     model's own), or "auto": bf16 where the model's device computes it natively (``devices.fast_bf16``: CPUs
-    with AVX512-BF16 or AMX, CUDA with bf16) and the model is not quantized, as ``train`` does; else fp32.
+    with AVX512-BF16 or AMX, CUDA with bf16) and the model is float32 or loraloom's int8, as ``train`` does;
+    else fp32 (a half-precision model, or one quantized by another library, is scored as it is).
     ``for_model`` resolves it, and a result records the resolved value."""
     layer_groups: str | int | None = None
     """None: one weight per module (the paper). "stack": one per module per stack (encoder / decoder);
@@ -275,8 +277,11 @@ class SearchSettings:
             return self
         params = [p for p in model.parameters() if p.is_floating_point()]
         native = bool(params) and fast_bf16(params[0].device)
-        bf16 = native and all(p.dtype in (torch.float32, torch.bfloat16) and not is_quantized(p) for p in params)
-        return dataclasses.replace(self, dtype="bf16" if bf16 else "fp32")
+        # loraloom's int8 weights dequantize into whatever dtype they report; other quantized tensors stay as they are
+        castable = all(
+            is_int8(p) or (p.dtype in (torch.float32, torch.bfloat16) and not is_quantized(p)) for p in params
+        )
+        return dataclasses.replace(self, dtype="bf16" if native and castable else "fp32")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
