@@ -97,8 +97,8 @@ def run(job: str, quantize: str, base: str, modules: list[str], steps: int) -> d
         data = examples(4 * steps, 63, 15, seed=1)
         result = loraloom.train(model, tok, data, config, max_steps=steps, batch_size=4, lr=1e-3, progress=False)
         return {"value": sum(result.losses[-3:]) / 3, "seconds": time.perf_counter() - start}
-    # fp32 scoring on every base: the default ("auto") scores a float base in bf16 where the CPU computes it
-    # natively, with a bf16 copy of the weights beside the float32 ones; the int8 base is scored as it is.
+    # fp32 scoring on every base, so that only the base's precision differs: the default ("auto") scores both in
+    # bf16 where the CPU computes it natively (a float base with a bf16 copy of its weights beside them).
     few = examples(5, 63, 15, seed=2)
     result = loraloom.lorahub(model, modules, few, tokenizer=tok, budget=10, dtype="fp32", progress=False)
     return {"value": result.objective, "seconds": time.perf_counter() - start}
