@@ -144,3 +144,20 @@ def test_full_matrix(world, capsys):
                 except AssertionError as e:
                     bad.append(f"{optimizer} n={n_modules} P={population}: {e}")
     assert not bad, "\n".join(bad)
+
+
+def test_a_configured_optimizer_is_named_by_its_class_not_its_repr():
+    """NGOpt with a large budget picks a ConfPortfolio, whose name is its whole repr (a page long): the method
+    recorded in weights.json and printed by ``compose`` names the class."""
+    import numpy as np
+
+    from loraloom.hub.search import _describe, import_nevergrad
+
+    import_nevergrad("NGOpt")
+    import nevergrad as ng
+
+    parametrization = ng.p.Array(init=np.zeros(4)).set_bounds(-1.5, 1.5)
+    optimizer = ng.optimizers.registry["NGOpt"](parametrization=parametrization, budget=30000, num_workers=1)
+    optimizer.tell(optimizer.ask(), 1.0)
+    assert "(" in str(optimizer.optim.name)  # the repr the method used to carry
+    assert _describe(optimizer) == "NGOpt>ConfPortfolio"

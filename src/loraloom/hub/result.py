@@ -118,9 +118,8 @@ class LoraHubResult:
         """Write adapter/, weights.json, trace.csv and (if ``plot``) trace.png into ``out_dir``."""
         out = Path(out_dir)
         text = json.dumps(self.to_dict(), indent=2, default=str) + "\n"
-        with atomic_folder(
-            out, owns=RESULT_ENTRIES
-        ) as tmp:  # the files go in together: never new weights beside an old trace
+        # The files go in together: never new weights beside an old trace.
+        with atomic_folder(out, owns=RESULT_ENTRIES) as tmp:
             self.save_adapter(tmp / ADAPTER_DIR)
             (tmp / WEIGHTS_FILE).write_text(text)
             (tmp / TRACE_CSV).write_text(trace_csv(self.trace, self.modules))

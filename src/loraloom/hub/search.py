@@ -407,7 +407,8 @@ def _describe(optimizer) -> str:
     """NGOpt and its kin delegate to a chosen optimizer: name the chain, e.g. "NGOpt>Cobyla"."""
     names, opt = [], optimizer
     while opt is not None and len(names) < 5:
-        name = getattr(opt, "name", type(opt).__name__)
+        # A configured optimizer's name is its whole repr (ConfPortfolio(optimizers=[...]): a page long): the class part
+        name = str(getattr(opt, "name", type(opt).__name__)).split("(")[0]
         if not names or name != names[-1]:
             names.append(name)
         try:
